@@ -1,0 +1,14 @@
+//! ringpen: a Pen-compatible TCP load balancer with an io_uring data plane.
+//!
+//! Data flows one way: [`cli`] builds a [`config::Config`]; the control
+//! thread ([`control`]) owns the mutable state and publishes immutable
+//! [`routing::RoutingTable`]s; the [`dataplane`] workers read them lock-free.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod routing;
+pub mod select;
+pub mod accesslog;
+pub mod process;
