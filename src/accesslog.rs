@@ -128,7 +128,13 @@ mod tests {
     #[test]
     fn file_line_is_pens_format() {
         let mut out = Vec::new();
-        format_file_line(&mut out, "127.0.0.2", 1700000000, "127.0.0.1", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        format_file_line(
+            &mut out,
+            "127.0.0.2",
+            1700000000,
+            "127.0.0.1",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
         assert_eq!(out, b"127.0.0.2 1700000000 127.0.0.1 GET / HTTP/1.1\n");
     }
 

@@ -97,9 +97,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = clap_command()
-        .try_get_matches_from(args)
-        .map_err(from_clap)?;
+    let matches = clap_command().try_get_matches_from(args).map_err(from_clap)?;
     let mut notices = Vec::new();
     let command = if matches.get_flag("help") {
         Command::Help(usage())
@@ -150,9 +148,7 @@ fn clap_command() -> clap::Command {
     let valued = BUILT_VALUED
         .iter()
         .chain(table.clone().filter(|e| e.1).map(|e| &e.0));
-    let flags = BUILT_FLAGS
-        .iter()
-        .chain(table.filter(|e| !e.1).map(|e| &e.0));
+    let flags = BUILT_FLAGS.iter().chain(table.filter(|e| !e.1).map(|e| &e.0));
     for &id in valued {
         cmd = cmd.arg(valued_short(id));
     }
@@ -343,12 +339,9 @@ fn spelling(id: &str) -> String {
 }
 
 fn utf8<'a>(value: &'a OsStr, what: &str) -> Result<&'a str, CliError> {
-    value.to_str().ok_or_else(|| {
-        CliError(format!(
-            "{what} '{}' is not valid UTF-8",
-            value.to_string_lossy()
-        ))
-    })
+    value
+        .to_str()
+        .ok_or_else(|| CliError(format!("{what} '{}' is not valid UTF-8", value.to_string_lossy())))
 }
 
 /// A non-negative decimal integer. Pen uses atoi(3) and sscanf("%d"), which
@@ -369,22 +362,15 @@ fn number<T: FromStr>(m: &ArgMatches, id: &str) -> Result<Option<T>, CliError> {
         None if decimal::<u128>(&text).is_some() => Err(CliError(format!(
             "option {option} value '{text}' is out of range"
         ))),
-        None => Err(CliError(format!(
-            "option {option} needs a number, got '{text}'"
-        ))),
+        None => Err(CliError(format!("option {option} needs a number, got '{text}'"))),
     }
 }
 
 /// Like [`number`], for options where 0 makes no sense.
-fn positive<T: FromStr + Default + PartialEq>(
-    m: &ArgMatches,
-    id: &str,
-) -> Result<Option<T>, CliError> {
+fn positive<T: FromStr + Default + PartialEq>(m: &ArgMatches, id: &str) -> Result<Option<T>, CliError> {
     let n = number(m, id)?;
     if n == Some(T::default()) {
-        let text = value(m, id)
-            .map(|v| v.to_string_lossy())
-            .unwrap_or_default();
+        let text = value(m, id).map(|v| v.to_string_lossy()).unwrap_or_default();
         return Err(CliError(format!(
             "option {} must be at least 1, got '{text}'",
             spelling(id)
@@ -439,9 +425,7 @@ fn parse_listen(arg: &str) -> Result<Endpoint, CliError> {
 fn split_host_port(arg: &str) -> Result<(&str, &str), String> {
     if let Some(rest) = arg.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("missing ']'")?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or("expected ':port' after ']'")?;
+        let port = after.strip_prefix(':').ok_or("expected ':port' after ']'")?;
         return Ok((host, port));
     }
     Ok(match arg.rfind(':') {
@@ -510,8 +494,7 @@ fn parse_server(arg: &str, what: &str, default_port: Option<u16>) -> Result<Serv
     let addr = if host.contains('/') {
         Endpoint::Unix(host.into())
     } else {
-        let port =
-            port.ok_or_else(|| bad("no port, and a Unix listen address has none to lend"))?;
+        let port = port.ok_or_else(|| bad("no port, and a Unix listen address has none to lend"))?;
         Endpoint::Inet(resolve(host, port)?)
     };
     Ok(ServerSpec {
@@ -834,16 +817,9 @@ mod tests {
     #[test]
     fn usage_lists_every_option() {
         let text = usage();
-        let built = BUILT_VALUED
-            .iter()
-            .chain(BUILT_FLAGS)
-            .chain(&["d"])
-            .copied();
+        let built = BUILT_VALUED.iter().chain(BUILT_FLAGS).chain(&["d"]).copied();
         for letter in built.chain(REFUSED.iter().chain(IGNORED).map(|e| e.0)) {
-            assert!(
-                text.contains(&format!("-{letter}")),
-                "usage lacks -{letter}"
-            );
+            assert!(text.contains(&format!("-{letter}")), "usage lacks -{letter}");
         }
     }
 
@@ -948,10 +924,7 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(
-            run(&["127.0.0.1:81", "127.0.0.1"]).listen,
-            inet("127.0.0.1:81")
-        );
+        assert_eq!(run(&["127.0.0.1:81", "127.0.0.1"]).listen, inet("127.0.0.1:81"));
         assert_eq!(run(&[":::2222", "[::1]"]).listen, inet("[::]:2222"));
         assert_eq!(run(&["[::1]:2222", "[::1]"]).listen, inet("[::1]:2222"));
         assert_eq!(run(&[":2222", "127.0.0.1"]).listen, inet("0.0.0.0:2222"));
@@ -1023,10 +996,7 @@ mod tests {
             max: 7,
             ..server("[2001:db8::1]:82")
         };
-        assert_eq!(
-            config.servers[..4],
-            [full, empty_port, server("[::1]:8080"), v6]
-        );
+        assert_eq!(config.servers[..4], [full, empty_port, server("[::1]:8080"), v6]);
         assert_eq!(config.servers[4].addr.port(), 83);
         assert!(!config.servers[5].addr.is_connectable());
         let unix = run(&["8080", "/run/app.sock::10"]).servers;
@@ -1094,10 +1064,7 @@ mod tests {
             log("127.0.0.1:514"),
             LogTarget::Udp("127.0.0.1:514".parse().unwrap())
         );
-        assert_eq!(
-            log("[::1]:514"),
-            LogTarget::Udp("[::1]:514".parse().unwrap())
-        );
+        assert_eq!(log("[::1]:514"), LogTarget::Udp("[::1]:514".parse().unwrap()));
         assert_eq!(log("::1:514"), LogTarget::Udp("[::1]:514".parse().unwrap()));
         assert_eq!(
             error(&["-l", "127.0.0.1:0", "80", "127.0.0.1"]),

@@ -4,11 +4,11 @@
 //! thread ([`control`]) owns the mutable state and publishes immutable
 //! [`routing::RoutingTable`]s; the [`dataplane`] workers read them lock-free.
 
+pub mod accesslog;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod process;
 pub mod routing;
 pub mod select;
-pub mod accesslog;
-pub mod process;

@@ -78,7 +78,11 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     if !config.foreground {
         process::daemonize()?;
     }
-    let _pid_file = config.pid_file.as_deref().map(process::PidFile::create).transpose()?;
+    let _pid_file = config
+        .pid_file
+        .as_deref()
+        .map(process::PidFile::create)
+        .transpose()?;
     if let Some(dir) = &config.chroot {
         process::chroot(dir)?;
     }
@@ -111,7 +115,9 @@ fn run(mut config: Config) -> anyhow::Result<()> {
 
     let mut failure = None;
     for worker in workers {
-        let result = worker.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")));
+        let result = worker
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")));
         if let Err(e) = result {
             // One worker failing takes the balancer down rather than leaving
             // it running at reduced capacity unnoticed.

@@ -51,7 +51,8 @@ pub fn lookup_user(name: &str) -> anyhow::Result<User> {
 /// `-u`: become `user` (its uid, its groups).
 pub fn become_user(user: &User) -> anyhow::Result<()> {
     let name = CString::new(user.name.as_str()).context("-u: user name contains a NUL byte")?;
-    unistd::initgroups(&name, user.gid).with_context(|| format!("-u: cannot set the groups of '{}'", user.name))?;
+    unistd::initgroups(&name, user.gid)
+        .with_context(|| format!("-u: cannot set the groups of '{}'", user.name))?;
     unistd::setgid(user.gid).with_context(|| format!("-u: cannot set group id {}", user.gid))?;
     unistd::setuid(user.uid).with_context(|| format!("-u: cannot set user id {}", user.uid))?;
     Ok(())

@@ -114,7 +114,9 @@ impl ServerCounters {
             }
             Some(limit) => self
                 .active
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                })
                 .is_ok(),
         }
     }
@@ -177,6 +179,9 @@ impl crate::select::Servers for ServersView<'_> {
 impl ServersView<'_> {
     pub fn emergency(&self) -> Option<Candidate> {
         let conns = self.counters.emergency.active.load(Ordering::Relaxed);
-        self.table.emergency.as_ref().map(|e| e.candidate(self.now, conns))
+        self.table
+            .emergency
+            .as_ref()
+            .map(|e| e.candidate(self.now, conns))
     }
 }

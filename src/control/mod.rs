@@ -63,8 +63,16 @@ fn handle_event(shared: &Shared, event: ControlEvent) {
             next.generation += 1;
             let until = Some(at + next.blacklist);
             let (entry, counters, name) = match target {
-                Target::Server(i) => (next.servers.get_mut(i), shared.counters.servers.get(i), format!("server {i}")),
-                Target::Emergency => (next.emergency.as_mut(), Some(&shared.counters.emergency), "the emergency server".to_string()),
+                Target::Server(i) => (
+                    next.servers.get_mut(i),
+                    shared.counters.servers.get(i),
+                    format!("server {i}"),
+                ),
+                Target::Emergency => (
+                    next.emergency.as_mut(),
+                    Some(&shared.counters.emergency),
+                    "the emergency server".to_string(),
+                ),
             };
             let (Some(entry), Some(counters)) = (entry, counters) else {
                 return;
@@ -111,7 +119,12 @@ fn print_stats(shared: &Shared) {
         .zip(&shared.counters.servers)
         .enumerate()
         .map(|(i, (s, c))| (i.to_string(), s, c))
-        .chain(table.emergency.iter().map(|s| ("emergency".to_string(), s, &shared.counters.emergency)));
+        .chain(
+            table
+                .emergency
+                .iter()
+                .map(|s| ("emergency".to_string(), s, &shared.counters.emergency)),
+        );
     for (name, server, c) in rows {
         eprintln!(
             "ringpen: server {name} {} conn {} total {} failed {} sent {} received {} max {} hard {} weight {} prio {}{}",

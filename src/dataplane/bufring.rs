@@ -63,7 +63,10 @@ impl BufRing {
     /// Allocates `entries` (a power of two) buffers of `buf_size` bytes and
     /// registers them with the ring as group `group`.
     pub fn register(submitter: &Submitter<'_>, group: u16, entries: u16, buf_size: u32) -> io::Result<Self> {
-        assert!(entries.is_power_of_two(), "buffer ring size must be a power of two");
+        assert!(
+            entries.is_power_of_two(),
+            "buffer ring size must be a power of two"
+        );
         let ring = Mapping::new(entries as usize * std::mem::size_of::<BufRingEntry>())?;
         let buffers = Mapping::new(entries as usize * buf_size as usize)?;
         let mut this = BufRing {
@@ -109,7 +112,12 @@ impl BufRing {
     pub fn ptr(&self, bid: u16) -> *mut u8 {
         debug_assert!(bid < self.entries);
         // SAFETY: bid < entries, so the offset stays inside the mapping.
-        unsafe { self.buffers.ptr.as_ptr().add(bid as usize * self.buf_size as usize) }
+        unsafe {
+            self.buffers
+                .ptr
+                .as_ptr()
+                .add(bid as usize * self.buf_size as usize)
+        }
     }
 
     /// The first `len` bytes of buffer `bid`, as filled by a receive.

@@ -80,7 +80,11 @@ mod tests {
 
     #[test]
     fn leaves_other_traffic_alone() {
-        for input in [&b"PUT /x HTTP/1.1\r\n\r\n"[..], b"GET /no-end HTTP/1.1\r\nHost: a\r\n", b"\x0a\x00\x00\x00binary"] {
+        for input in [
+            &b"PUT /x HTTP/1.1\r\n\r\n"[..],
+            b"GET /no-end HTTP/1.1\r\nHost: a\r\n",
+            b"\x0a\x00\x00\x00binary",
+        ] {
             assert_eq!(rewrite(input, "10.0.0.1"), input);
         }
     }

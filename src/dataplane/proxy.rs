@@ -105,9 +105,7 @@ impl Direction {
     }
 
     fn in_flight(&self) -> bool {
-        self.sending
-            || self.shutdown_in_flight
-            || matches!(self.recv, Recv::Armed | Recv::Cancelling)
+        self.sending || self.shutdown_in_flight || matches!(self.recv, Recv::Armed | Recv::Cancelling)
     }
 }
 
@@ -204,7 +202,10 @@ impl Proxy {
             }
             return self.maybe_close(out);
         }
-        let head = dir.queue.front_mut().expect("a send completed with nothing queued");
+        let head = dir
+            .queue
+            .front_mut()
+            .expect("a send completed with nothing queued");
         let sent = (res as u32).min(head.len);
         head.offset += sent;
         head.len -= sent;
@@ -333,7 +334,15 @@ mod tests {
     fn forwards_a_chunk_and_releases_its_buffer_after_the_send() {
         let (mut p, mut out) = started();
         p.on_recv(Client, 100, Some(7), true, &mut out);
-        assert_eq!(out, vec![Op::Send { to: Backend, buf: 7, offset: 0, len: 100 }]);
+        assert_eq!(
+            out,
+            vec![Op::Send {
+                to: Backend,
+                buf: 7,
+                offset: 0,
+                len: 100
+            }]
+        );
         out.clear();
         p.on_send(Backend, 100, &mut out);
         assert_eq!(out, vec![Op::Release(7)]);
@@ -345,10 +354,29 @@ mod tests {
         let (mut p, mut out) = started();
         p.on_recv(Client, 10, Some(1), true, &mut out);
         p.on_recv(Client, 20, Some(2), true, &mut out);
-        assert_eq!(out, vec![Op::Send { to: Backend, buf: 1, offset: 0, len: 10 }]);
+        assert_eq!(
+            out,
+            vec![Op::Send {
+                to: Backend,
+                buf: 1,
+                offset: 0,
+                len: 10
+            }]
+        );
         out.clear();
         p.on_send(Backend, 10, &mut out);
-        assert_eq!(out, vec![Op::Release(1), Op::Send { to: Backend, buf: 2, offset: 0, len: 20 }]);
+        assert_eq!(
+            out,
+            vec![
+                Op::Release(1),
+                Op::Send {
+                    to: Backend,
+                    buf: 2,
+                    offset: 0,
+                    len: 20
+                }
+            ]
+        );
     }
 
     #[test]
@@ -357,7 +385,15 @@ mod tests {
         p.on_recv(Backend, 1000, Some(3), true, &mut out);
         out.clear();
         p.on_send(Client, 400, &mut out);
-        assert_eq!(out, vec![Op::Send { to: Client, buf: 3, offset: 400, len: 600 }]);
+        assert_eq!(
+            out,
+            vec![Op::Send {
+                to: Client,
+                buf: 3,
+                offset: 400,
+                len: 600
+            }]
+        );
     }
 
     #[test]
@@ -365,13 +401,24 @@ mod tests {
         let (mut p, mut out) = started();
         p.on_recv(Client, 5, Some(1), true, &mut out);
         p.on_recv(Client, 0, None, false, &mut out);
-        assert_eq!(out, vec![Op::Send { to: Backend, buf: 1, offset: 0, len: 5 }]);
+        assert_eq!(
+            out,
+            vec![Op::Send {
+                to: Backend,
+                buf: 1,
+                offset: 0,
+                len: 5
+            }]
+        );
         out.clear();
         p.on_send(Backend, 5, &mut out);
         assert_eq!(out, vec![Op::Release(1), Op::Shutdown(Backend)]);
         out.clear();
         p.on_shutdown(Backend, 0, &mut out);
-        assert!(out.is_empty(), "the backend may still answer after the client's EOF");
+        assert!(
+            out.is_empty(),
+            "the backend may still answer after the client's EOF"
+        );
         // The backend answers, then closes: nothing may be lost.
         p.on_recv(Backend, 9, Some(4), true, &mut out);
         p.on_recv(Backend, 0, None, false, &mut out);
@@ -379,7 +426,12 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Op::Send { to: Client, buf: 4, offset: 0, len: 9 },
+                Op::Send {
+                    to: Client,
+                    buf: 4,
+                    offset: 0,
+                    len: 9
+                },
                 Op::Release(4),
                 Op::Shutdown(Client)
             ]
@@ -405,7 +457,10 @@ mod tests {
         for _ in 0..QUEUE_HIGH_WATER {
             p.on_send(Backend, 1, &mut out);
         }
-        assert!(!out.contains(&Op::ArmRecv(Client)), "not before the queue is empty");
+        assert!(
+            !out.contains(&Op::ArmRecv(Client)),
+            "not before the queue is empty"
+        );
         out.clear();
         p.on_send(Backend, 1, &mut out);
         assert_eq!(out, vec![Op::Release(99), Op::ArmRecv(Client)]);

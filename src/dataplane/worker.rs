@@ -49,9 +49,21 @@ enum Tag {
 impl Tag {
     fn from_u8(v: u8) -> Option<Tag> {
         use Tag::*;
-        [Accept, Waker, Connect, ConnectTimeout, RecvClient, RecvBackend, SendClient, SendBackend, ShutdownClient, ShutdownBackend, Cancel]
-            .into_iter()
-            .find(|t| *t as u8 == v)
+        [
+            Accept,
+            Waker,
+            Connect,
+            ConnectTimeout,
+            RecvClient,
+            RecvBackend,
+            SendClient,
+            SendBackend,
+            ShutdownClient,
+            ShutdownBackend,
+            Cancel,
+        ]
+        .into_iter()
+        .find(|t| *t as u8 == v)
     }
 
     fn recv(side: Side) -> Tag {
@@ -188,15 +200,26 @@ pub fn run(id: usize, listener: Arc<OwnedFd>, shared: Arc<Shared>) -> anyhow::Re
 impl Worker {
     fn run_loop(&mut self) -> anyhow::Result<()> {
         while !self.stop {
-            let want = if self.parked.is_empty() || self.paused { 1 } else { 0 };
+            let want = if self.parked.is_empty() || self.paused {
+                1
+            } else {
+                0
+            };
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                    ) => {}
                 Err(e) => return Err(e).with_context(|| format!("worker {}: io_uring_enter", self.id)),
             }
             self.completions.clear();
-            self.completions
-                .extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            self.completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
             for i in 0..self.completions.len() {
                 let (ud, res, flags) = self.completions[i];
                 self.complete(ud, res, flags);
@@ -296,9 +319,17 @@ impl Worker {
         if res >= 0 {
             // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
             self.parked.push_back(unsafe { OwnedFd::from_raw_fd(res) });
-            self.shared.counters.global.accepted.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .global
+                .accepted
+                .fetch_add(1, Ordering::Relaxed);
         } else if res != -libc::ECANCELED {
-            tracing::warn!("worker {}: accept failed: {}", self.id, std::io::Error::from_raw_os_error(-res));
+            tracing::warn!(
+                "worker {}: accept failed: {}",
+                self.id,
+                std::io::Error::from_raw_os_error(-res)
+            );
         }
         if !self.accept_armed && !self.paused {
             self.arm_accept();
@@ -333,7 +364,9 @@ impl Worker {
             .counters
             .global
             .active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -411,7 +444,10 @@ impl Worker {
                 counters: &shared.counters,
                 now: Instant::now(),
             };
-            let Some(choice) = conn.attempts.next(&table.mode, &view, conn.tracked, view.emergency()) else {
+            let Some(choice) = conn
+                .attempts
+                .next(&table.mode, &view, conn.tracked, view.emergency())
+            else {
                 break None;
             };
             let (entry, counters) = match (choice.target, &table.emergency) {
@@ -473,7 +509,9 @@ impl Worker {
         conn.owed -= 1;
         let target = conn.target.expect("a connect in flight has a target");
         if res == 0 {
-            counters_for(&shared, target).total.fetch_add(1, Ordering::Relaxed);
+            counters_for(&shared, target)
+                .total
+                .fetch_add(1, Ordering::Relaxed);
             let mut proxy = Proxy::new();
             proxy.start(&mut self.ops);
             conn.phase = Phase::Proxying(proxy);
@@ -481,7 +519,11 @@ impl Worker {
             return;
         }
         // The linked timeout cancels the connect when it fires.
-        let errno = if res == -libc::ECANCELED { libc::ETIMEDOUT } else { -res };
+        let errno = if res == -libc::ECANCELED {
+            libc::ETIMEDOUT
+        } else {
+            -res
+        };
         let _ = shared.control.send(ControlEvent::ConnectFailed {
             target,
             at: Instant::now(),
@@ -514,12 +556,15 @@ impl Worker {
                     if conn.http {
                         // SAFETY: the buffer is lent to us until released and
                         // the client receive leaves HEADROOM bytes free in it.
-                        let whole = unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(bid), BUF_SIZE as usize) };
+                        let whole =
+                            unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(bid), BUF_SIZE as usize) };
                         res = http::add_forwarded_for(whole, res as usize, conn.client_ip) as i32;
                     }
                     if shared.log.is_enabled() {
                         let chunk = self.bufs.bytes(bid, res as u32);
-                        shared.log.log(&mut self.log_line, &conn.client_text, &conn.server_text, chunk);
+                        shared
+                            .log
+                            .log(&mut self.log_line, &conn.client_text, &conn.server_text, chunk);
                     }
                     counters.sent.fetch_add(res as u64, Ordering::Relaxed);
                 }
@@ -560,7 +605,11 @@ impl Worker {
             let sqe = match op {
                 Op::ArmRecv(side) => {
                     // Leave room for the X-Forwarded-For insert in -H mode.
-                    let len = if conn.http && side == Side::Client { BUF_SIZE - http::HEADROOM } else { 0 };
+                    let len = if conn.http && side == Side::Client {
+                        BUF_SIZE - http::HEADROOM
+                    } else {
+                        0
+                    };
                     opcode::RecvMulti::new(types::Fd(conn.fd(side)), self.bufs.group())
                         .len(len)
                         .build()
@@ -619,7 +668,8 @@ impl Worker {
         }
         let starved = std::mem::take(&mut self.starved);
         for (id, side) in starved {
-            if let Some(Phase::Proxying(proxy)) = self.conns[id as usize].as_deref_mut().map(|c| &mut c.phase) {
+            if let Some(Phase::Proxying(proxy)) = self.conns[id as usize].as_deref_mut().map(|c| &mut c.phase)
+            {
                 proxy.on_buffers(side, &mut self.ops);
                 self.apply(id);
             }
@@ -651,9 +701,12 @@ impl Worker {
             counters_for(shared, target).release();
         }
         if let Phase::Proxying(proxy) = &conn.phase {
-            shared
-                .clients
-                .add_bytes(conn.slot, conn.client_key, proxy.bytes_from(Side::Backend), proxy.bytes_from(Side::Client));
+            shared.clients.add_bytes(
+                conn.slot,
+                conn.client_key,
+                proxy.bytes_from(Side::Backend),
+                proxy.bytes_from(Side::Client),
+            );
         }
         drop(conn);
         self.free.push(id);
@@ -679,7 +732,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 fn new_backend_socket(addr: &SockAddr) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::from(i32::from(addr.family())), Type::STREAM.cloexec(), None)?;
+    let socket = Socket::new(
+        Domain::from(i32::from(addr.family())),
+        Type::STREAM.cloexec(),
+        None,
+    )?;
     if !addr.is_unix() {
         socket.set_tcp_nodelay(true)?;
         socket.set_keepalive(true)?;

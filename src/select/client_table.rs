@@ -141,9 +141,7 @@ impl ClientTable {
     }
 
     fn owned(&mut self, slot: usize, key: ClientKey) -> Option<&mut Slot> {
-        self.slots
-            .get_mut(slot)
-            .filter(|entry| entry.key == Some(key))
+        self.slots.get_mut(slot).filter(|entry| entry.key == Some(key))
     }
 
     /// Raises the slot count to `capacity`; like Pen's `clients_max`, the
@@ -234,19 +232,12 @@ mod tests {
     }
 
     fn v6(last: u16) -> ClientKey {
-        ClientKey::Ip(IpAddr::V6(Ipv6Addr::new(
-            0x2001, 0xdb8, 0, 0, 0, 0, 0, last,
-        )))
+        ClientKey::Ip(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)))
     }
 
     /// Slot and tracked server for a visit, then tracks `server` as the
     /// caller would on starting the connect.
-    fn connect(
-        t: &mut ClientTable,
-        key: ClientKey,
-        now: u64,
-        server: usize,
-    ) -> (usize, Option<usize>) {
+    fn connect(t: &mut ClientTable, key: ClientKey, now: u64, server: usize) -> (usize, Option<usize>) {
         let got = t.visit(key, now);
         t.track(got.0, key, server);
         got

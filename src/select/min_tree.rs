@@ -76,13 +76,7 @@ impl MinTree {
         }
         let old = std::mem::take(&mut self.nodes);
         let (old_len, old_leaves) = (self.len, self.leaves);
-        self.rebuild(len, |i| {
-            if i < old_len {
-                old[old_leaves + i]
-            } else {
-                fill
-            }
-        });
+        self.rebuild(len, |i| if i < old_len { old[old_leaves + i] } else { fill });
     }
 
     fn rebuild(&mut self, len: usize, key: impl Fn(usize) -> u64) {

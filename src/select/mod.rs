@@ -426,10 +426,7 @@ mod tests {
     fn tracking_returns_the_tracked_server_even_if_blacklisted() {
         let rr = RoundRobin::new();
         let servers = [up(), up(), down()];
-        assert_eq!(
-            first_choice(&mode(), &servers[..], v4(1), Some(2), &rr),
-            Some(2)
-        );
+        assert_eq!(first_choice(&mode(), &servers[..], v4(1), Some(2), &rr), Some(2));
         // The cursor did not move.
         assert_eq!(picks(&rr, &servers, 1), [Some(1)]);
     }
@@ -437,10 +434,7 @@ mod tests {
     #[test]
     fn tracking_ignores_a_server_beyond_the_list() {
         let rr = RoundRobin::new();
-        assert_eq!(
-            first_choice(&mode(), &ups(3)[..], v4(1), Some(7), &rr),
-            Some(1)
-        );
+        assert_eq!(first_choice(&mode(), &ups(3)[..], v4(1), Some(7), &rr), Some(1));
     }
 
     #[test]
@@ -456,18 +450,12 @@ mod tests {
     fn tracking_takes_precedence_over_every_policy() {
         let rr = RoundRobin::new();
         for m in [
-            Mode {
-                prio: true,
-                ..mode()
-            },
+            Mode { prio: true, ..mode() },
             Mode {
                 weight: true,
                 ..mode()
             },
-            Mode {
-                hash: true,
-                ..mode()
-            },
+            Mode { hash: true, ..mode() },
         ] {
             assert_eq!(first_choice(&m, &ups(3)[..], v4(2), Some(1), &rr), Some(1));
         }
@@ -491,10 +479,7 @@ mod tests {
             prio(2),
         ];
         assert_eq!(first_choice(&m, &servers[..], v4(1), None, &rr), Some(1));
-        assert_eq!(
-            first_choice(&m, &[down(), down()][..], v4(1), None, &rr),
-            None
-        );
+        assert_eq!(first_choice(&m, &[down(), down()][..], v4(1), None, &rr), None);
     }
 
     #[test]
@@ -566,10 +551,7 @@ mod tests {
             first_choice(&m, &[s(0, 0), s(50, 1)][..], v4(1), None, &rr),
             Some(1)
         );
-        assert_eq!(
-            first_choice(&m, &[s(0, 0), s(0, 0)][..], v4(1), None, &rr),
-            None
-        );
+        assert_eq!(first_choice(&m, &[s(0, 0), s(0, 0)][..], v4(1), None, &rr), None);
     }
 
     #[test]
@@ -598,11 +580,7 @@ mod tests {
             ..rr_mode()
         };
         let choose = |key| first_choice(&m, &ups(3)[..], key, None, &rr);
-        let v6 = |last| {
-            ClientKey::Ip(IpAddr::V6(Ipv6Addr::new(
-                0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, last,
-            )))
-        };
+        let v6 = |last| ClientKey::Ip(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, last)));
         assert_eq!(choose(v6(0x1204)), Some(4 % 3));
         assert_eq!(choose(v6(0x0005)), Some(5 % 3));
         assert_eq!(choose(ClientKey::Unix), Some(0));
@@ -742,10 +720,7 @@ mod tests {
             ..mode()
         };
         let mut a = Attempts::new(Some(1));
-        assert_eq!(
-            drain(&mut a, &m, &ups(3), None, Some(up())),
-            [Target::Server(1)]
-        );
+        assert_eq!(drain(&mut a, &m, &ups(3), None, Some(up())), [Target::Server(1)]);
         let mut a = Attempts::new(Some(1));
         assert_eq!(drain(&mut a, &m, &[up(), down()], None, Some(up())), []);
         let mut a = Attempts::new(None);
@@ -756,10 +731,7 @@ mod tests {
     fn emergency_comes_once_after_every_regular_server() {
         let mut a = Attempts::new(Some(0));
         let got = drain(&mut a, &mode(), &[up(), down()], None, Some(up()));
-        assert_eq!(
-            got,
-            [Target::Server(0), Target::Server(0), Target::Emergency]
-        );
+        assert_eq!(got, [Target::Server(0), Target::Server(0), Target::Emergency]);
         assert_eq!(a.last(), Some(Target::Emergency));
         assert_eq!(a.next(&mode(), &ups(2)[..], None, Some(up())), None);
     }
@@ -773,8 +745,7 @@ mod tests {
             ..up()
         };
         let mut a = Attempts::new(Some(0));
-        let got = std::iter::from_fn(|| a.next(&mode(), &[down()][..], Some(0), Some(e)))
-            .collect::<Vec<_>>();
+        let got = std::iter::from_fn(|| a.next(&mode(), &[down()][..], Some(0), Some(e))).collect::<Vec<_>>();
         assert_eq!(
             got,
             [Choice {
@@ -818,19 +789,13 @@ mod tests {
         let rr = RoundRobin::new();
         let first = first_choice(&m, &ups(2)[..], v4(1), None, &rr);
         let mut a = Attempts::new(first);
-        assert_eq!(
-            drain(&mut a, &m, &ups(2), None, None),
-            [0, 1].map(Target::Server)
-        );
+        assert_eq!(drain(&mut a, &m, &ups(2), None, None), [0, 1].map(Target::Server));
     }
 
     #[test]
     fn no_servers_at_all_goes_to_emergency() {
         let mut a = Attempts::new(None);
-        assert_eq!(
-            drain(&mut a, &mode(), &[], None, Some(up())),
-            [Target::Emergency]
-        );
+        assert_eq!(drain(&mut a, &mode(), &[], None, Some(up())), [Target::Emergency]);
         let mut a = Attempts::new(Some(3));
         assert_eq!(drain(&mut a, &mode(), &[], None, None), []);
     }
