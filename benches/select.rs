@@ -54,7 +54,7 @@ fn bench_selection(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(name, count), &servers, |b, servers| {
                 b.iter(|| {
                     n = n.wrapping_add(1);
-                    let first = first_choice(&mode, servers, client(n), tracked, &rr);
+                    let first = first_choice(&mode, servers, client(n), 0, tracked, &rr);
                     let mut attempts = Attempts::new(first);
                     black_box(attempts.next(&mode, servers, tracked, None))
                 })

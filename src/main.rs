@@ -101,7 +101,9 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         config.workers,
     )?);
 
-    let workers = dataplane::spawn_workers(config.workers, Arc::new(listener), shared.clone())?;
+    let listener = Arc::new(listener);
+    let workers = dataplane::spawn_workers(config.workers, listener.clone(), shared.clone())?;
+    let listen_addr = config.listen.clone();
     let control_shared = shared.clone();
     std::thread::Builder::new()
         .name("ringpen-control".into())
@@ -125,6 +127,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             failure.get_or_insert(e);
         }
     }
+    listener::close(&listener, &listen_addr);
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

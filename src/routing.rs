@@ -163,6 +163,10 @@ pub struct ServersView<'a> {
     pub table: &'a RoutingTable,
     pub counters: &'a Counters,
     pub now: Instant,
+    /// Servers this connection already failed to reach: blacklisted for it
+    /// at once, before the control thread's new table arrives (Pen
+    /// blacklists synchronously, so its failover never retries them).
+    pub failed: &'a [usize],
 }
 
 impl crate::select::Servers for ServersView<'_> {
@@ -172,7 +176,9 @@ impl crate::select::Servers for ServersView<'_> {
 
     fn candidate(&self, index: usize) -> Candidate {
         let conns = self.counters.servers[index].active.load(Ordering::Relaxed);
-        self.table.servers[index].candidate(self.now, conns)
+        let mut candidate = self.table.servers[index].candidate(self.now, conns);
+        candidate.blacklisted |= self.failed.contains(&index);
+        candidate
     }
 }
 

@@ -17,18 +17,42 @@ fn block_io_uring(command: &mut Command, errno: u32) {
         command.pre_exec(move || {
             let filter = [
                 // Load the syscall number.
-                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
                 // io_uring_setup? then fail it, else allow.
-                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: SYS_IO_URING_SETUP },
-                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0005_0000 | errno },
-                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 },
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: SYS_IO_URING_SETUP,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000 | errno,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
             ];
             let program = libc::sock_fprog {
                 len: filter.len() as u16,
                 filter: filter.as_ptr() as *mut libc::sock_filter,
             };
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program as *const _) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const _,
+                ) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
@@ -53,7 +77,10 @@ fn run_blocked(errno: u32) -> (Option<i32>, String) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let output = child.wait_with_output().unwrap();
-            return (status.code(), String::from_utf8_lossy(&output.stderr).into_owned());
+            return (
+                status.code(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            );
         }
         if Instant::now() > deadline {
             child.kill().unwrap();

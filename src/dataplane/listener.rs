@@ -1,7 +1,7 @@
 //! The listening socket, set up as Pen does it. Accepted sockets inherit
 //! TCP_NODELAY and SO_KEEPALIVE from it, which saves two syscalls per client.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 
 use anyhow::Context;
@@ -42,4 +42,15 @@ pub fn bind(addr: &Endpoint, backlog: u32) -> anyhow::Result<OwnedFd> {
         .listen(backlog.min(i32::MAX as u32) as i32)
         .with_context(|| format!("cannot listen on {addr}"))?;
     Ok(socket.into())
+}
+
+/// Stops listening now. The rings' multishot accepts hold references to the
+/// socket that the kernel drops only some time after the process exits; a
+/// shutdown frees the port at once, so a restart can bind it again.
+pub fn close(listener: &OwnedFd, addr: &Endpoint) {
+    // SAFETY: shutdown on a descriptor we own; no pointers.
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+    if let Endpoint::Unix(path) = addr {
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -111,6 +111,8 @@ struct Conn {
     attempts: Attempts,
     /// The server whose connection counter this connection holds.
     target: Option<Target>,
+    /// Servers whose connect failed for this client (rarely more than one).
+    failed: Vec<usize>,
     backend: Option<Socket>,
     /// Kept here so the pointer handed to the kernel stays valid.
     backend_addr: Option<SockAddr>,
@@ -385,6 +387,7 @@ impl Worker {
         let client = Socket::from(fd);
         let peer = client.peer_addr().ok();
         let client_ip = peer.as_ref().and_then(|a| a.as_socket()).map(|a| a.ip());
+        let client_port = peer.as_ref().and_then(|a| a.as_socket()).map_or(0, |a| a.port());
         let client_key = match client_ip {
             Some(ip) => ClientKey::Ip(canonical(ip)),
             None => ClientKey::Unix,
@@ -396,8 +399,16 @@ impl Worker {
             table: &table,
             counters: &self.shared.counters,
             now: Instant::now(),
+            failed: &[],
         };
-        let first = first_choice(&table.mode, &view, client_key, tracked, &self.shared.rr);
+        let first = first_choice(
+            &table.mode,
+            &view,
+            client_key,
+            client_port,
+            tracked,
+            &self.shared.rr,
+        );
         let conn = Box::new(Conn {
             client,
             client_key,
@@ -406,6 +417,7 @@ impl Worker {
             tracked,
             attempts: Attempts::new(first),
             target: None,
+            failed: Vec::new(),
             backend: None,
             backend_addr: None,
             phase: Phase::Connecting,
@@ -443,6 +455,7 @@ impl Worker {
                 table: &table,
                 counters: &shared.counters,
                 now: Instant::now(),
+                failed: &conn.failed,
             };
             let Some(choice) = conn
                 .attempts
@@ -530,6 +543,9 @@ impl Worker {
             errno,
         });
         counters_for(&shared, target).release();
+        if let Target::Server(i) = target {
+            conn.failed.push(i);
+        }
         conn.target = None;
         conn.backend = None;
         self.connect_next(id);

@@ -158,6 +158,7 @@ pub fn first_choice(
     mode: &Mode,
     servers: &(impl Servers + ?Sized),
     client: ClientKey,
+    client_port: u16,
     tracked: Option<usize>,
     rr: &RoundRobin,
 ) -> Option<usize> {
@@ -180,7 +181,7 @@ pub fn first_choice(
             .min_by_key(|(_, c)| 256 * u64::from(c.conns) / u64::from(c.weight))
             .map(|(i, _)| i)
     } else if mode.hash {
-        (count > 0).then(|| pen_hash(client, count))
+        (count > 0).then(|| pen_hash(client, mode.roundrobin.then_some(client_port), count))
     } else {
         rr.next(count, |i| available(&servers.candidate(i)))
     }
@@ -189,11 +190,13 @@ pub fn first_choice(
 /// Pen's `pen_hash`. For IPv4 it takes `s_addr`, the address in network
 /// byte order, as a native integer (so on x86 the first octet is the least
 /// significant byte); for IPv6 the last octet; Unix clients all hash to 0.
-/// The port is not mixed in: Debian's pen 0.34.1 sends the same address to
-/// the same server with `-r -h`.
-fn pen_hash(client: ClientKey, count: usize) -> usize {
+/// With `-r` (no tracking) an IPv4 client's port, `sin_port` as a native
+/// integer too, is XORed in, so one client's connections spread out; IPv6
+/// clients hash by address alone (both verified against Debian's pen 0.34.1).
+fn pen_hash(client: ClientKey, port: Option<u16>, count: usize) -> usize {
+    let port = port.map_or(0, |p| u32::from(u16::from_ne_bytes(p.to_be_bytes())));
     let value = match client {
-        ClientKey::Ip(std::net::IpAddr::V4(v4)) => u64::from(u32::from_ne_bytes(v4.octets())),
+        ClientKey::Ip(std::net::IpAddr::V4(v4)) => u64::from(u32::from_ne_bytes(v4.octets()) ^ port),
         ClientKey::Ip(std::net::IpAddr::V6(v6)) => u64::from(v6.octets()[15]),
         ClientKey::Unix => 0,
     };
@@ -344,7 +347,7 @@ mod tests {
 
     fn picks(rr: &RoundRobin, servers: &[Candidate], times: usize) -> Vec<Option<usize>> {
         (0..times)
-            .map(|_| first_choice(&rr_mode(), servers, v4(1), None, rr))
+            .map(|_| first_choice(&rr_mode(), servers, v4(1), 0, None, rr))
             .collect()
     }
 
@@ -426,7 +429,10 @@ mod tests {
     fn tracking_returns_the_tracked_server_even_if_blacklisted() {
         let rr = RoundRobin::new();
         let servers = [up(), up(), down()];
-        assert_eq!(first_choice(&mode(), &servers[..], v4(1), Some(2), &rr), Some(2));
+        assert_eq!(
+            first_choice(&mode(), &servers[..], v4(1), 0, Some(2), &rr),
+            Some(2)
+        );
         // The cursor did not move.
         assert_eq!(picks(&rr, &servers, 1), [Some(1)]);
     }
@@ -434,14 +440,17 @@ mod tests {
     #[test]
     fn tracking_ignores_a_server_beyond_the_list() {
         let rr = RoundRobin::new();
-        assert_eq!(first_choice(&mode(), &ups(3)[..], v4(1), Some(7), &rr), Some(1));
+        assert_eq!(
+            first_choice(&mode(), &ups(3)[..], v4(1), 0, Some(7), &rr),
+            Some(1)
+        );
     }
 
     #[test]
     fn roundrobin_flag_ignores_tracking() {
         let rr = RoundRobin::new();
         assert_eq!(
-            first_choice(&rr_mode(), &ups(3)[..], v4(1), Some(2), &rr),
+            first_choice(&rr_mode(), &ups(3)[..], v4(1), 0, Some(2), &rr),
             Some(1)
         );
     }
@@ -457,7 +466,7 @@ mod tests {
             },
             Mode { hash: true, ..mode() },
         ] {
-            assert_eq!(first_choice(&m, &ups(3)[..], v4(2), Some(1), &rr), Some(1));
+            assert_eq!(first_choice(&m, &ups(3)[..], v4(2), 0, Some(1), &rr), Some(1));
         }
     }
 
@@ -478,8 +487,8 @@ mod tests {
             },
             prio(2),
         ];
-        assert_eq!(first_choice(&m, &servers[..], v4(1), None, &rr), Some(1));
-        assert_eq!(first_choice(&m, &[down(), down()][..], v4(1), None, &rr), None);
+        assert_eq!(first_choice(&m, &servers[..], v4(1), 0, None, &rr), Some(1));
+        assert_eq!(first_choice(&m, &[down(), down()][..], v4(1), 0, None, &rr), None);
     }
 
     #[test]
@@ -499,7 +508,7 @@ mod tests {
             },
             Candidate { prio: 1, ..up() },
         ];
-        assert_eq!(first_choice(&m, &servers[..], v4(2), None, &rr), Some(1));
+        assert_eq!(first_choice(&m, &servers[..], v4(2), 0, None, &rr), Some(1));
     }
 
     #[test]
@@ -516,12 +525,12 @@ mod tests {
         };
         // Loads: 256*3/100 = 7, 256*5/200 = 6, 256*1/10 = 25.
         assert_eq!(
-            first_choice(&m, &[s(3, 100), s(5, 200), s(1, 10)][..], v4(1), None, &rr),
+            first_choice(&m, &[s(3, 100), s(5, 200), s(1, 10)][..], v4(1), 0, None, &rr),
             Some(1)
         );
         // 256*1/100 = 2 and 256*1/90 = 2: integer division ties, lowest index wins.
         assert_eq!(
-            first_choice(&m, &[s(1, 100), s(1, 90)][..], v4(1), None, &rr),
+            first_choice(&m, &[s(1, 100), s(1, 90)][..], v4(1), 0, None, &rr),
             Some(0)
         );
         // Blacklisted servers are skipped however idle.
@@ -532,7 +541,7 @@ mod tests {
             },
             s(9, 100),
         ];
-        assert_eq!(first_choice(&m, &servers[..], v4(1), None, &rr), Some(1));
+        assert_eq!(first_choice(&m, &servers[..], v4(1), 0, None, &rr), Some(1));
     }
 
     #[test]
@@ -548,10 +557,13 @@ mod tests {
             ..up()
         };
         assert_eq!(
-            first_choice(&m, &[s(0, 0), s(50, 1)][..], v4(1), None, &rr),
+            first_choice(&m, &[s(0, 0), s(50, 1)][..], v4(1), 0, None, &rr),
             Some(1)
         );
-        assert_eq!(first_choice(&m, &[s(0, 0), s(0, 0)][..], v4(1), None, &rr), None);
+        assert_eq!(
+            first_choice(&m, &[s(0, 0), s(0, 0)][..], v4(1), 0, None, &rr),
+            None
+        );
     }
 
     #[test]
@@ -561,7 +573,7 @@ mod tests {
             hash: true,
             ..rr_mode()
         };
-        let choose = |key| first_choice(&m, &ups(3)[..], key, None, &rr);
+        let choose = |key| first_choice(&m, &ups(3)[..], key, 0, None, &rr);
         if cfg!(target_endian = "little") {
             assert_eq!(
                 [choose(v4(2)), choose(v4(3)), choose(v4(4))],
@@ -573,18 +585,42 @@ mod tests {
     }
 
     #[test]
+    fn hash_mixes_in_the_ipv4_port_without_tracking_like_pen() {
+        let rr = RoundRobin::new();
+        let no_tracking = Mode {
+            hash: true,
+            roundrobin: true,
+            ..Mode::default()
+        };
+        let tracking = Mode {
+            hash: true,
+            ..Mode::default()
+        };
+        let choose = |m: &Mode, key, port| first_choice(m, &ups(3)[..], key, port, None, &rr);
+        if cfg!(target_endian = "little") {
+            // Observed with Debian's pen -r -h from fixed source ports.
+            let seen: Vec<_> = (40000..40003).map(|p| choose(&no_tracking, v4(2), p)).collect();
+            assert_eq!(seen, [Some(2), Some(0), Some(1)]);
+            assert_eq!(choose(&no_tracking, v4(3), 40000), Some(0));
+        }
+        assert_eq!(choose(&tracking, v4(2), 40000), choose(&tracking, v4(2), 40001));
+        let v6 = ClientKey::Ip("::1".parse().unwrap());
+        assert_eq!(choose(&no_tracking, v6, 40000), choose(&no_tracking, v6, 40001));
+    }
+
+    #[test]
     fn hash_uses_the_last_ipv6_octet_and_zero_for_unix() {
         let rr = RoundRobin::new();
         let m = Mode {
             hash: true,
             ..rr_mode()
         };
-        let choose = |key| first_choice(&m, &ups(3)[..], key, None, &rr);
+        let choose = |key| first_choice(&m, &ups(3)[..], key, 0, None, &rr);
         let v6 = |last| ClientKey::Ip(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, last)));
         assert_eq!(choose(v6(0x1204)), Some(4 % 3));
         assert_eq!(choose(v6(0x0005)), Some(5 % 3));
         assert_eq!(choose(ClientKey::Unix), Some(0));
-        assert_eq!(first_choice(&m, &ups(0)[..], v4(2), None, &rr), None);
+        assert_eq!(first_choice(&m, &ups(0)[..], v4(2), 0, None, &rr), None);
     }
 
     #[test]
@@ -596,7 +632,7 @@ mod tests {
         };
         let servers = [down(), down(), down()];
         assert_eq!(
-            first_choice(&m, &servers[..], ClientKey::Unix, None, &rr),
+            first_choice(&m, &servers[..], ClientKey::Unix, 0, None, &rr),
             Some(0)
         );
     }
@@ -787,7 +823,7 @@ mod tests {
             ..rr_mode()
         };
         let rr = RoundRobin::new();
-        let first = first_choice(&m, &ups(2)[..], v4(1), None, &rr);
+        let first = first_choice(&m, &ups(2)[..], v4(1), 0, None, &rr);
         let mut a = Attempts::new(first);
         assert_eq!(drain(&mut a, &m, &ups(2), None, None), [0, 1].map(Target::Server));
     }
