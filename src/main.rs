@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use syslog_tracing::{Facility, Options};
 
 use ringpen::accesslog::{AccessLog, Sink};
 use ringpen::cli::{self, Command};
@@ -41,24 +42,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(debug: u8) {
+/// Diagnostics go to stderr in the foreground and to syslog (facility
+/// user, as Pen's) once daemonized. `-d` raises the level; SIGUSR1's
+/// statistics are always shown.
+fn init_tracing(debug: u8, foreground: bool) {
     let level = match debug {
-        0 => tracing::Level::WARN,
-        1 => tracing::Level::INFO,
-        2 => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::new(format!("{level},{}=info", control::STATS_TARGET));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
+    let syslog = (!foreground)
+        .then(|| syslog_tracing::Syslog::new(c"ringpen", Options::LOG_PID, Facility::User))
+        .flatten();
+    match syslog {
+        Some(syslog) => builder.with_writer(syslog).without_time().with_level(false).init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
 }
 
 fn run(mut config: Config) -> anyhow::Result<()> {
     process::hold_control_signals()?;
-    init_tracing(config.debug);
     // Daemonizing and -j change what relative paths mean.
     config.pid_file = config.pid_file.as_deref().map(process::absolute);
     if let Some(LogTarget::File(path)) = &mut config.log {
@@ -78,6 +84,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     if !config.foreground {
         process::daemonize()?;
     }
+    init_tracing(config.debug, config.foreground);
     let _pid_file = config
         .pid_file
         .as_deref()

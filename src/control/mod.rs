@@ -102,13 +102,17 @@ fn reopen_log(config: &Config, shared: &Shared) {
     }
 }
 
+/// The tracing target of SIGUSR1's statistics, shown at every `-d` level.
+pub const STATS_TARGET: &str = "ringpen::stats";
+
 /// SIGUSR1: per-server statistics, as Pen dumps them to its debug log.
 fn print_stats(shared: &Shared) {
     let table = shared.table.load();
     let now = Instant::now();
     let global = &shared.counters.global;
-    eprintln!(
-        "ringpen: {} servers, {} connections active, {} accepted",
+    tracing::info!(
+        target: STATS_TARGET,
+        "{} servers, {} connections active, {} accepted",
         table.servers.len(),
         global.active.load(Ordering::Relaxed),
         global.accepted.load(Ordering::Relaxed)
@@ -119,15 +123,11 @@ fn print_stats(shared: &Shared) {
         .zip(&shared.counters.servers)
         .enumerate()
         .map(|(i, (s, c))| (i.to_string(), s, c))
-        .chain(
-            table
-                .emergency
-                .iter()
-                .map(|s| ("emergency".to_string(), s, &shared.counters.emergency)),
-        );
+        .chain(table.emergency.iter().map(|s| ("emergency".to_string(), s, &shared.counters.emergency)));
     for (name, server, c) in rows {
-        eprintln!(
-            "ringpen: server {name} {} conn {} total {} failed {} sent {} received {} max {} hard {} weight {} prio {}{}",
+        tracing::info!(
+            target: STATS_TARGET,
+            "server {name} {} conn {} total {} failed {} sent {} received {} max {} hard {} weight {} prio {}{}",
             server.spec.addr,
             c.active.load(Ordering::Relaxed),
             c.total.load(Ordering::Relaxed),

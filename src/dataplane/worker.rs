@@ -24,7 +24,7 @@ use crate::select::{first_choice, Attempts, Target};
 
 /// Receive buffers per worker and their size. Only buffers holding data in
 /// flight are ever touched, so this is address space, not resident memory.
-const BUF_COUNT: u16 = 512;
+const BUF_COUNT: u16 = 256;
 const BUF_SIZE: u32 = 32 * 1024;
 /// Re-arm starved receives once this many buffers are back in the ring.
 const REARM_THRESHOLD: u32 = BUF_COUNT as u32 / 8;
