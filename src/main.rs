@@ -53,12 +53,19 @@ fn init_tracing(debug: u8, foreground: bool) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::new(format!("{level},{}=info", control::STATS_TARGET));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false);
     let syslog = (!foreground)
         .then(|| syslog_tracing::Syslog::new(c"ringpen", Options::LOG_PID, Facility::User))
         .flatten();
     match syslog {
-        Some(syslog) => builder.with_writer(syslog).without_time().with_level(false).init(),
+        Some(syslog) => builder
+            .with_writer(syslog)
+            .without_time()
+            .with_level(false)
+            .init(),
         None => builder.with_writer(std::io::stderr).init(),
     }
 }

@@ -123,7 +123,12 @@ fn print_stats(shared: &Shared) {
         .zip(&shared.counters.servers)
         .enumerate()
         .map(|(i, (s, c))| (i.to_string(), s, c))
-        .chain(table.emergency.iter().map(|s| ("emergency".to_string(), s, &shared.counters.emergency)));
+        .chain(
+            table
+                .emergency
+                .iter()
+                .map(|s| ("emergency".to_string(), s, &shared.counters.emergency)),
+        );
     for (name, server, c) in rows {
         tracing::info!(
             target: STATS_TARGET,

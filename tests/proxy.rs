@@ -1,0 +1,155 @@
+//! The data path: bytes arrive intact and in order, in both directions,
+//! through half-closes and many concurrent connections, over IPv4 and IPv6,
+//! and `-H` adds exactly Pen's two headers to HTTP requests.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+#[test]
+fn sixteen_mib_each_way_arrive_intact_over_one_connection() {
+    let (up_seed, down_seed, len) = (11, 12, 16 * MIB);
+    let (backend, checked) = Backend::bulk(up_seed, len, down_seed, len);
+    let balancer = Balancer::start(&[], &[backend.spec()]);
+
+    let mut stream = balancer.connect_from(2);
+    stream.set_read_timeout(Some(BULK_WAIT)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || write_data(&mut writer, up_seed, len).expect("client send"));
+    let received = check_data(&mut stream, down_seed, len);
+    sender.join().unwrap();
+    assert_eq!(received, Ok(()), "backend -> client stream");
+    let at_backend = checked
+        .recv_timeout(BULK_WAIT)
+        .expect("the backend never finished reading the client's stream");
+    assert_eq!(at_backend, Ok(()), "client -> backend stream");
+}
+
+#[test]
+fn client_half_close_after_sending_still_gets_every_echoed_byte() {
+    if skip_on_pen("Pen drops data still buffered when the backend closes after the client half-closed") {
+        return;
+    }
+    let backend = Backend::echo();
+    let balancer = Balancer::start(&[], &[backend.spec()]);
+    let len = 4 * MIB;
+
+    let mut stream = balancer.connect_from(2);
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        write_data(&mut writer, 21, len).expect("client send");
+        // Half-close: no more data from us, but keep reading the echo.
+        writer.shutdown(Shutdown::Write).expect("client half-close");
+    });
+    let echoed = check_data_then_eof(&mut stream, 21, len);
+    sender.join().unwrap();
+    assert_eq!(echoed, Ok(()));
+}
+
+#[test]
+fn backend_closing_right_after_the_client_half_closed_loses_no_byte() {
+    if skip_on_pen("Pen drops data still buffered when the backend closes after the client half-closed") {
+        return;
+    }
+    // The backend answers only after the client's EOF, with more than the
+    // socket buffers hold, and closes as soon as the last byte is written.
+    let len = 8 * MIB;
+    let backend = Backend::reply_after_eof(31, len);
+    let balancer = Balancer::start(&[], &[backend.spec()]);
+
+    let mut stream = balancer.connect_from(2);
+    stream.write_all(b"request").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(check_data_then_eof(&mut stream, 31, len), Ok(()));
+}
+
+#[test]
+fn two_hundred_concurrent_clients_each_get_their_own_echo() {
+    const CLIENTS: usize = 200;
+    let backend = Backend::echo();
+    let balancer = Arc::new(Balancer::start(&[], &[backend.spec()]));
+    // Everyone connects first, then everyone talks at once.
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (balancer, barrier) = (balancer.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut stream = connect(balancer.addr);
+                barrier.wait();
+                let mut message = format!("client {i}:").into_bytes();
+                message.extend(Data::bytes(1000 + i as u64, 3000));
+                stream.write_all(&message).unwrap();
+                let mut echoed = vec![0u8; message.len()];
+                stream
+                    .read_exact(&mut echoed)
+                    .unwrap_or_else(|e| panic!("client {i}: no full echo: {e}"));
+                assert!(echoed == message, "client {i} got someone else's bytes");
+                stream.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(read_to_end(&mut stream), b"", "client {i}: bytes after the echo");
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        client.join().unwrap_or_else(|_| panic!("client {i} failed"));
+    }
+    assert_eq!(backend.accepted(), CLIENTS, "one backend connection per client");
+}
+
+fn ping(from: IpAddr, to: SocketAddr) {
+    let message = b"ping over another family";
+    let mut stream = connect_from(from, to);
+    stream.write_all(message).unwrap();
+    let mut echoed = [0u8; 24];
+    stream.read_exact(&mut echoed).expect("the echo");
+    assert_eq!(&echoed, message);
+}
+
+#[test]
+fn ipv6_listener_forwards_to_an_ipv4_backend() {
+    let backend = Backend::echo_on(Ipv4Addr::LOCALHOST.into());
+    let balancer =
+        Balancer::launch(Launch::new(&[], &[backend.spec()]).listen_on(Ipv6Addr::LOCALHOST.into()));
+    ping(Ipv6Addr::LOCALHOST.into(), balancer.addr);
+}
+
+#[test]
+fn ipv4_listener_forwards_to_an_ipv6_backend() {
+    let backend = Backend::echo_on(Ipv6Addr::LOCALHOST.into());
+    assert!(backend.spec().starts_with("[::1]:"));
+    let balancer = Balancer::start(&[], &[backend.spec()]);
+    ping(client_ip(2), balancer.addr);
+}
+
+/// Sends `request` in one write from 127.0.0.`octet` through a balancer
+/// with `-H` and returns what the backend received.
+fn through_dash_h(octet: u8, request: &[u8]) -> Vec<u8> {
+    let backend = Backend::recorder();
+    let balancer = Balancer::start(&["-H"], &[backend.spec()]);
+    let mut stream = balancer.connect_from(octet);
+    stream.write_all(request).unwrap();
+    read_to_end(&mut stream)
+}
+
+#[test]
+fn dash_h_adds_forwarded_proto_and_for_before_the_blank_line_of_a_get() {
+    let got = through_dash_h(9, b"GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\
+         X-Forwarded-Proto: http\r\nX-Forwarded-For: 127.0.0.9\r\n\r\n"
+    );
+}
+
+#[test]
+fn dash_h_leaves_non_http_data_untouched() {
+    let data = b"HELO mail.example\r\nX: y\r\n\r\n";
+    let got = through_dash_h(10, data);
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(data));
+}
