@@ -31,65 +31,49 @@ const REARM_THRESHOLD: u32 = BUF_COUNT as u32 / 8;
 
 /// What a completion belongs to: the low byte of its user_data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 enum Tag {
-    Accept = 1,
+    Accept,
     Waker,
     Connect,
     ConnectTimeout,
-    RecvClient,
-    RecvBackend,
-    SendClient,
-    SendBackend,
-    ShutdownClient,
-    ShutdownBackend,
     Cancel,
+    Recv(Side),
+    Send(Side),
+    Shutdown(Side),
 }
 
 impl Tag {
-    fn from_u8(v: u8) -> Option<Tag> {
-        use Tag::*;
-        [
-            Accept,
-            Waker,
-            Connect,
-            ConnectTimeout,
-            RecvClient,
-            RecvBackend,
-            SendClient,
-            SendBackend,
-            ShutdownClient,
-            ShutdownBackend,
-            Cancel,
-        ]
-        .into_iter()
-        .find(|t| *t as u8 == v)
-    }
-
-    fn recv(side: Side) -> Tag {
-        match side {
-            Side::Client => Tag::RecvClient,
-            Side::Backend => Tag::RecvBackend,
+    fn encode(self) -> u8 {
+        match self {
+            Tag::Accept => 1,
+            Tag::Waker => 2,
+            Tag::Connect => 3,
+            Tag::ConnectTimeout => 4,
+            Tag::Cancel => 5,
+            Tag::Recv(side) => 6 + side as u8,
+            Tag::Send(side) => 8 + side as u8,
+            Tag::Shutdown(side) => 10 + side as u8,
         }
     }
 
-    fn send(to: Side) -> Tag {
-        match to {
-            Side::Client => Tag::SendClient,
-            Side::Backend => Tag::SendBackend,
-        }
-    }
-
-    fn shutdown(side: Side) -> Tag {
-        match side {
-            Side::Client => Tag::ShutdownClient,
-            Side::Backend => Tag::ShutdownBackend,
-        }
+    fn decode(v: u8) -> Option<Tag> {
+        let side = if v % 2 == 0 { Side::Client } else { Side::Backend };
+        Some(match v {
+            1 => Tag::Accept,
+            2 => Tag::Waker,
+            3 => Tag::Connect,
+            4 => Tag::ConnectTimeout,
+            5 => Tag::Cancel,
+            6 | 7 => Tag::Recv(side),
+            8 | 9 => Tag::Send(side),
+            10 | 11 => Tag::Shutdown(side),
+            _ => return None,
+        })
     }
 }
 
 fn user_data(conn: u32, tag: Tag) -> u64 {
-    ((conn as u64) << 8) | tag as u64
+    ((conn as u64) << 8) | u64::from(tag.encode())
 }
 
 /// A connection's lifecycle beyond the proxy state machine.
@@ -284,22 +268,18 @@ impl Worker {
 
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let conn = (ud >> 8) as u32;
-        let Some(tag) = Tag::from_u8(ud as u8) else {
+        let Some(tag) = Tag::decode(ud as u8) else {
             return;
         };
         match tag {
             Tag::Accept => self.on_accept(res, flags),
             Tag::Waker => self.on_waker(),
             Tag::Cancel if conn == u32::MAX => {}
-            Tag::Cancel => self.settle_owed(conn),
+            Tag::Cancel | Tag::ConnectTimeout => self.settle_owed(conn),
             Tag::Connect => self.on_connect(conn, res),
-            Tag::ConnectTimeout => self.settle_owed(conn),
-            Tag::RecvClient => self.on_recv(conn, Side::Client, res, flags),
-            Tag::RecvBackend => self.on_recv(conn, Side::Backend, res, flags),
-            Tag::SendClient => self.drive(conn, |p, out| p.on_send(Side::Client, res, out)),
-            Tag::SendBackend => self.drive(conn, |p, out| p.on_send(Side::Backend, res, out)),
-            Tag::ShutdownClient => self.drive(conn, |p, out| p.on_shutdown(Side::Client, res, out)),
-            Tag::ShutdownBackend => self.drive(conn, |p, out| p.on_shutdown(Side::Backend, res, out)),
+            Tag::Recv(side) => self.on_recv(conn, side, res, flags),
+            Tag::Send(to) => self.drive(conn, |p, out| p.on_send(to, res, out)),
+            Tag::Shutdown(side) => self.drive(conn, |p, out| p.on_shutdown(side, res, out)),
         }
     }
 
@@ -629,11 +609,11 @@ impl Worker {
                     opcode::RecvMulti::new(types::Fd(conn.fd(side)), self.bufs.group())
                         .len(len)
                         .build()
-                        .user_data(user_data(id, Tag::recv(side)))
+                        .user_data(user_data(id, Tag::Recv(side)))
                 }
                 Op::CancelRecv(side) => {
                     conn.owed += 1;
-                    opcode::AsyncCancel::new(user_data(id, Tag::recv(side)))
+                    opcode::AsyncCancel::new(user_data(id, Tag::Recv(side)))
                         .build()
                         .user_data(user_data(id, Tag::Cancel))
                 }
@@ -642,11 +622,11 @@ impl Worker {
                     opcode::Send::new(types::Fd(conn.fd(to)), ptr, len)
                         .flags(libc::MSG_NOSIGNAL)
                         .build()
-                        .user_data(user_data(id, Tag::send(to)))
+                        .user_data(user_data(id, Tag::Send(to)))
                 }
                 Op::Shutdown(side) => opcode::Shutdown::new(types::Fd(conn.fd(side)), libc::SHUT_WR)
                     .build()
-                    .user_data(user_data(id, Tag::shutdown(side))),
+                    .user_data(user_data(id, Tag::Shutdown(side))),
                 Op::Release(buf) => {
                     self.bufs.release(buf);
                     released = true;
@@ -758,4 +738,32 @@ fn new_backend_socket(addr: &SockAddr) -> std::io::Result<Socket> {
         socket.set_keepalive(true)?;
     }
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tag_survives_the_user_data_round_trip() {
+        let sides = [Side::Client, Side::Backend];
+        let tags = [
+            Tag::Accept,
+            Tag::Waker,
+            Tag::Connect,
+            Tag::ConnectTimeout,
+            Tag::Cancel,
+        ]
+        .into_iter()
+        .chain(
+            sides
+                .into_iter()
+                .flat_map(|s| [Tag::Recv(s), Tag::Send(s), Tag::Shutdown(s)]),
+        );
+        for tag in tags {
+            let ud = user_data(123_456, tag);
+            assert_eq!((ud >> 8, Tag::decode(ud as u8)), (123_456, Some(tag)));
+        }
+        assert_eq!(Tag::decode(0), None);
+    }
 }
