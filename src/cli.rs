@@ -289,6 +289,14 @@ fn build_config(m: &ArgMatches, notices: &mut Vec<String>) -> Result<Config, Cli
         user,
         chroot,
         workers,
+        control: None,
+        config_file: None,
+        startup_commands: Vec::new(),
+        web_stats: None,
+        exit_enabled: false,
+        abuse: None,
+        metrics: None,
+        health: None,
     })
 }
 
@@ -705,6 +713,14 @@ mod tests {
             user: None,
             chroot: None,
             workers: std::thread::available_parallelism().unwrap().get(),
+            control: None,
+            config_file: None,
+            startup_commands: Vec::new(),
+            web_stats: None,
+            exit_enabled: false,
+            abuse: None,
+            metrics: None,
+            health: None,
         };
         assert_eq!(config, expected);
         assert!(notices(&["8080", "127.0.0.1"]).is_empty());

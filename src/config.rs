@@ -117,6 +117,71 @@ pub mod defaults {
     pub const BACKLOG_MIN: u32 = 50;
 }
 
+/// `--check`: what an active health check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// Read the MySQL/MariaDB greeting; an error packet means down.
+    Mysql,
+    /// Log in and read the Galera `wsrep_*` status.
+    Galera,
+}
+
+/// `--donor`: what a Galera node in Donor/Desynced state gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DonorPolicy {
+    /// No new connections, existing ones kept.
+    #[default]
+    Drain,
+    Down,
+    Up,
+}
+
+/// `--on-down`: what happens to existing connections of a server that
+/// an active check takes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDown {
+    #[default]
+    Keep,
+    Close,
+}
+
+/// Active health checks (long options only; Pen has none).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HealthOptions {
+    pub kind: CheckKind,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    /// Consecutive successes that bring a server back.
+    pub rise: u32,
+    /// Consecutive failures that take a server out.
+    pub fall: u32,
+    /// `--check-user`, for `galera`.
+    pub user: Option<String>,
+    /// From `--check-password-file` or `RINGPEN_CHECK_PASSWORD`, never argv.
+    pub password: Option<String>,
+    pub donor: DonorPolicy,
+    pub on_down: OnDown,
+}
+
+impl fmt::Debug for HealthOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the password.
+        f.debug_struct("HealthOptions")
+            .field("kind", &self.kind)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("rise", &self.rise)
+            .field("fall", &self.fall)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("donor", &self.donor)
+            .field("on_down", &self.on_down)
+            .finish()
+    }
+}
+
 /// Everything the balancer needs to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -155,4 +220,20 @@ pub struct Config {
     pub chroot: Option<PathBuf>,
     /// `--workers`: data-plane threads.
     pub workers: usize,
+    /// `-C`: the penctl control port.
+    pub control: Option<Endpoint>,
+    /// `-F`: penctl commands applied at start and on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    /// `-O cmd` / `-o cmd`, in command-line order, applied after `-F`.
+    pub startup_commands: Vec<String>,
+    /// `-w`: HTML status file.
+    pub web_stats: Option<PathBuf>,
+    /// `-X`: allow the `exit` command.
+    pub exit_enabled: bool,
+    /// `-B`: where clients denied by the client ACL go.
+    pub abuse: Option<ServerSpec>,
+    /// `--metrics`: Prometheus text at `GET /metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// `--check` and friends.
+    pub health: Option<HealthOptions>,
 }

@@ -2,6 +2,8 @@
 //! workers report (connect failures), handles signals, and publishes every
 //! change as one new routing table with one atomic swap.
 
+pub mod state;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;

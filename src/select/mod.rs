@@ -6,6 +6,7 @@
 //! Nothing here touches sockets or clocks; the caller passes in a snapshot of
 //! each server ([`Candidate`]) and reserves the connection slot itself.
 
+pub mod acl;
 pub mod client_table;
 mod min_tree;
 

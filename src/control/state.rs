@@ -1,0 +1,160 @@
+//! The authoritative, mutable configuration the control thread owns: every
+//! setting Pen keeps in its globals, the server list with each server's
+//! blacklist and health state. Commands change it; every change is published
+//! to the workers as a new routing table.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::config::{Config, Endpoint, LogTarget, Mode, ServerSpec};
+use crate::select::acl::AclEntry;
+
+/// Pen has ten access lists, 0..=9; servers, clients and the control port
+/// all use list 0 unless told otherwise.
+pub const ACL_COUNT: usize = 10;
+
+/// What the active health checks last concluded about a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Health {
+    /// No active checks (Pen's behaviour): only passive blacklisting.
+    #[default]
+    Unchecked,
+    Up,
+    /// Takes no new connections; existing ones stay (Galera Donor/Desynced).
+    Drain,
+    Down,
+}
+
+impl Health {
+    /// Whether new connections may go to a server in this state.
+    pub fn accepts_new(self) -> bool {
+        matches!(self, Health::Unchecked | Health::Up)
+    }
+}
+
+/// `tcp_fastclose`: close both sides as soon as one side sends EOF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FastClose {
+    #[default]
+    Off,
+    /// When the backend (upstream) closes.
+    Up,
+    /// When the client (downstream) closes.
+    Down,
+    Both,
+}
+
+/// One backend as the control thread knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConf {
+    pub spec: ServerSpec,
+    /// Access list checked for clients of this server (`server N acl A`).
+    pub acl: u8,
+    /// Pen's `status`: the epoch second of the last failure (0 = none). The
+    /// server is blacklisted while `now - status < blacklist_secs`.
+    pub status: u64,
+    pub health: Health,
+}
+
+impl ServerConf {
+    pub fn new(spec: ServerSpec) -> Self {
+        ServerConf {
+            spec,
+            acl: 0,
+            status: 0,
+            health: Health::Unchecked,
+        }
+    }
+
+    pub fn is_blacklisted(&self, now_epoch: u64, blacklist_secs: u64) -> bool {
+        self.status != 0 && now_epoch.saturating_sub(self.status) < blacklist_secs
+    }
+}
+
+/// Everything the control thread can change at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlState {
+    pub listen: Endpoint,
+    pub servers: Vec<ServerConf>,
+    /// `-e`.
+    pub emergency: Option<ServerConf>,
+    /// `-B`: where clients denied by `client_acl` go.
+    pub abuse: Option<ServerConf>,
+    pub mode: Mode,
+    pub blacklist_secs: u64,
+    pub tracking_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub clients_max: usize,
+    pub conn_max: usize,
+    pub pending_max: usize,
+    pub accepts_per_wakeup: u32,
+    pub http: bool,
+    pub debug: u8,
+    /// `ascii`: traffic dumps in ASCII rather than hex.
+    pub ascii: bool,
+    pub log: Option<LogTarget>,
+    /// `-w` / `web_stats`: where `status` and SIGUSR1 write the HTML page.
+    pub web_stats: Option<PathBuf>,
+    /// `idle_timeout`: close connections idle this long (0 = never).
+    pub idle_timeout_secs: u64,
+    pub tcp_nodelay: bool,
+    pub tcp_fastclose: FastClose,
+    /// `source`: local address for connects to backends.
+    pub source: Option<IpAddr>,
+    /// `keepalive`: SO_KEEPALIVE on backend sockets.
+    pub keepalive: bool,
+    pub acls: [Vec<AclEntry>; ACL_COUNT],
+    pub client_acl: u8,
+    pub control_acl: u8,
+    /// `-C`.
+    pub control: Option<Endpoint>,
+    /// `-X`: the `exit` command is allowed.
+    pub exit_enabled: bool,
+    /// `-F`: re-read on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    /// Start-up facts `write` repeats in its header comment.
+    pub foreground: bool,
+    pub user: Option<String>,
+    pub chroot: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+}
+
+impl ControlState {
+    /// The state the command line describes, before `-F` and `-o` apply.
+    pub fn from_config(config: &Config) -> Self {
+        ControlState {
+            listen: config.listen.clone(),
+            servers: config.servers.iter().cloned().map(ServerConf::new).collect(),
+            emergency: config.emergency.clone().map(ServerConf::new),
+            abuse: config.abuse.clone().map(ServerConf::new),
+            mode: config.mode,
+            blacklist_secs: config.blacklist_secs,
+            tracking_secs: config.tracking_secs,
+            connect_timeout_secs: config.connect_timeout_secs,
+            clients_max: config.clients_max,
+            conn_max: config.conn_max,
+            pending_max: 100,
+            accepts_per_wakeup: config.accepts_per_wakeup,
+            http: config.http,
+            debug: config.debug,
+            ascii: false,
+            log: config.log.clone(),
+            web_stats: config.web_stats.clone(),
+            idle_timeout_secs: 0,
+            tcp_nodelay: true,
+            tcp_fastclose: FastClose::Off,
+            source: None,
+            keepalive: true,
+            acls: Default::default(),
+            client_acl: 0,
+            control_acl: 0,
+            control: config.control.clone(),
+            exit_enabled: config.exit_enabled,
+            config_file: config.config_file.clone(),
+            foreground: config.foreground,
+            user: config.user.clone(),
+            chroot: config.chroot.clone(),
+            pid_file: config.pid_file.clone(),
+        }
+    }
+}
