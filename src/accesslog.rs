@@ -142,7 +142,7 @@ mod tests {
     fn file_line_masks_high_bytes_and_caps_at_100() {
         let mut out = Vec::new();
         let mut chunk = vec![0xffu8, b'a'];
-        chunk.extend(std::iter::repeat(b'x').take(200));
+        chunk.extend(std::iter::repeat_n(b'x', 200));
         format_file_line(&mut out, "c", 1, "s", &chunk);
         let excerpt = &out[b"c 1 s ".len()..out.len() - 1];
         assert_eq!(excerpt.len(), 100);

@@ -97,7 +97,7 @@ pub fn conn_limit(c: &Candidate, sticky: bool) -> Option<u32> {
 /// Whether Pen's `try_server` would start a connect here: the server is
 /// usable, not blacklisted, and below its limit for this client.
 pub fn admissible(c: &Candidate, sticky: bool) -> bool {
-    available(c) && conn_limit(c, sticky).map_or(true, |limit| c.conns < limit)
+    available(c) && conn_limit(c, sticky).is_none_or(|limit| c.conns < limit)
 }
 
 /// Pen's `server_is_unavailable` negated: what the first-choice policies
