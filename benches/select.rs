@@ -25,6 +25,7 @@ fn servers(count: usize) -> Vec<Candidate> {
             hard: 120,
             weight: 1 + (i as u32 % 4) * 50,
             prio: (i as u32 * 5) % 7,
+            denied: false,
         })
         .collect()
 }

@@ -18,12 +18,15 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches};
 
-use crate::config::{defaults, Config, Endpoint, LogTarget, Mode, ServerSpec};
+use crate::config::{
+    defaults, CheckKind, Config, DonorPolicy, Endpoint, HealthOptions, LogTarget, Mode, OnDown, ServerSpec,
+};
 
 /// What the command line asks for.
 // Made once per process, so the size of `Config` inline does not matter.
@@ -58,14 +61,7 @@ pub struct CliError(String);
 /// a control port or TLS must not get a balancer without one.
 #[rustfmt::skip]
 const REFUSED: &[(&str, bool, &str)] = &[
-    ("B", true, "abuse server"),
-    ("C", true, "control port"),
-    ("F", true, "configuration file"),
-    ("O", true, "penctl command"),
-    ("o", true, "penctl command"),
-    ("w", true, "HTML status file"),
     ("U", false, "UDP"),
-    ("X", false, "exit command"),
     ("a", false, "ASCII dumps"),
     ("i", true, "Windows service"),
     // Listed in Pen's usage() but missing from its switch: Pen rejects it too.
@@ -97,6 +93,15 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    parse_with_env(args, |name| std::env::var(name).ok())
+}
+
+/// [`parse`] with the environment given, so tests do not depend on it.
+pub fn parse_with_env<I, T>(args: I, env: impl Fn(&str) -> Option<String>) -> Result<Parsed, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
     let matches = clap_command().try_get_matches_from(args).map_err(from_clap)?;
     let mut notices = Vec::new();
     let command = if matches.get_flag("help") {
@@ -110,7 +115,7 @@ where
                 notices.push(format!("-{id} {rest}"));
             }
         }
-        Command::Run(build_config(&matches, &mut notices)?)
+        Command::Run(build_config(&matches, &env, &mut notices)?)
     };
     Ok(Parsed { command, notices })
 }
@@ -123,9 +128,38 @@ where
 // `string` feature (owned ids) is not enabled.
 
 /// Pen's options that take a value and that we build.
-const BUILT_VALUED: &[&str] = &["b", "c", "e", "j", "l", "m", "p", "q", "t", "T", "u", "x"];
+const BUILT_VALUED: &[&str] = &[
+    "B", "b", "C", "c", "e", "F", "j", "l", "m", "p", "q", "t", "T", "u", "w", "x",
+];
 /// Pen's flags that we build (`-d` counts, so it is defined on its own).
-const BUILT_FLAGS: &[&str] = &["f", "h", "H", "r", "s", "W"];
+const BUILT_FLAGS: &[&str] = &["f", "h", "H", "r", "s", "W", "X"];
+/// ringpen's own long options with a value (health checks, metrics).
+const LONG_VALUED: &[&str] = &[
+    "workers",
+    "metrics",
+    "check",
+    "check-interval",
+    "check-timeout",
+    "rise",
+    "fall",
+    "check-user",
+    "check-password-file",
+    "donor",
+    "on-down",
+];
+/// The long options that only mean something with `--check`.
+const CHECK_TUNING: &[&str] = &[
+    "check-interval",
+    "check-timeout",
+    "rise",
+    "fall",
+    "check-user",
+    "check-password-file",
+    "donor",
+    "on-down",
+];
+/// Where `--check galera` reads its password when no file is given.
+pub const PASSWORD_ENV: &str = "RINGPEN_CHECK_PASSWORD";
 
 fn clap_command() -> clap::Command {
     let mut cmd = clap::Command::new("ringpen")
@@ -135,7 +169,9 @@ fn clap_command() -> clap::Command {
         // getopt: when an option is repeated, the last value wins.
         .args_override_self(true)
         .arg(Arg::new("d").short('d').action(ArgAction::Count))
-        .arg(valued_long("workers"))
+        // -O and -o may repeat; each is one penctl command, in order.
+        .arg(valued_short("O").action(ArgAction::Append))
+        .arg(valued_short("o").action(ArgAction::Append))
         .arg(flag_long("help"))
         .arg(flag_long("version"))
         .arg(
@@ -151,6 +187,9 @@ fn clap_command() -> clap::Command {
     let flags = BUILT_FLAGS.iter().chain(table.filter(|e| !e.1).map(|e| &e.0));
     for &id in valued {
         cmd = cmd.arg(valued_short(id));
+    }
+    for &name in LONG_VALUED {
+        cmd = cmd.arg(valued_long(name));
     }
     for &id in flags {
         cmd = cmd.arg(Arg::new(id).short(letter(id)).action(ArgAction::SetTrue));
@@ -229,7 +268,11 @@ fn refuse(m: &ArgMatches) -> Result<(), CliError> {
 // Building the Config
 // ---------------------------------------------------------------------------
 
-fn build_config(m: &ArgMatches, notices: &mut Vec<String>) -> Result<Config, CliError> {
+fn build_config(
+    m: &ArgMatches,
+    env: &dyn Fn(&str) -> Option<String>,
+    notices: &mut Vec<String>,
+) -> Result<Config, CliError> {
     // Options before addresses: a typo in an option should not wait on DNS.
     // Pen bumps a too small -m or -q and says so; it refuses -t 0.
     let mut accepts_per_wakeup = number(m, "m")?.unwrap_or(defaults::ACCEPTS_PER_WAKEUP);
@@ -261,7 +304,38 @@ fn build_config(m: &ArgMatches, notices: &mut Vec<String>) -> Result<Config, Cli
         Some(v) => Some(parse_log(non_empty(v, "l")?)?),
         None => None,
     };
+    let control = match value(m, "C") {
+        Some(v) => Some(parse_listen(utf8(non_empty(v, "C")?, "-C")?).map_err(|e| prefixed("-C", e))?),
+        None => None,
+    };
+    let health = health_options(m, env)?;
+    let metrics = match value(m, "metrics") {
+        Some(v) => Some(parse_metrics(utf8(v, "--metrics")?)?),
+        None => None,
+    };
+    let startup_commands = ["O", "o"]
+        .iter()
+        .flat_map(|id| {
+            let indices = m.indices_of(id).into_iter().flatten();
+            let values = m.get_many::<OsString>(id).into_iter().flatten();
+            indices.zip(values)
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_values()
+        .map(|v| utf8(v, "-o").map(str::to_owned))
+        .collect::<Result<Vec<_>, _>>()?;
     let (listen, servers, emergency) = addresses(m)?;
+    let abuse = match value(m, "B") {
+        Some(v) => {
+            let text = utf8(non_empty(v, "B")?, "-B")?;
+            let listen_port = match &listen {
+                Endpoint::Inet(addr) => Some(addr.port()),
+                Endpoint::Unix(_) => None,
+            };
+            Some(parse_server(text, "abuse server (-B)", listen_port)?)
+        }
+        None => None,
+    };
     Ok(Config {
         listen,
         servers,
@@ -289,15 +363,122 @@ fn build_config(m: &ArgMatches, notices: &mut Vec<String>) -> Result<Config, Cli
         user,
         chroot,
         workers,
-        control: None,
-        config_file: None,
-        startup_commands: Vec::new(),
-        web_stats: None,
-        exit_enabled: false,
-        abuse: None,
-        metrics: None,
-        health: None,
+        control,
+        config_file: path(m, "F")?,
+        startup_commands,
+        web_stats: path(m, "w")?,
+        exit_enabled: given(m, "X"),
+        abuse,
+        metrics,
+        health,
     })
+}
+
+/// `CliError` for a value of option `opt`.
+fn prefixed(opt: &str, e: CliError) -> CliError {
+    CliError(format!("{opt}: {}", e.0))
+}
+
+/// `--metrics [host:]port`; the host defaults to 127.0.0.1, so the
+/// endpoint is not public unless asked for.
+fn parse_metrics(text: &str) -> Result<SocketAddr, CliError> {
+    let bad = |why: String| CliError(format!("bad --metrics '{text}': {why}"));
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port),
+        None => ("127.0.0.1", text),
+    };
+    let port = nonzero_port(port, c"tcp").map_err(bad)?;
+    resolve(if host.is_empty() { "0.0.0.0" } else { host }, port)
+}
+
+/// `--check` and its tuning options.
+fn health_options(
+    m: &ArgMatches,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<HealthOptions>, CliError> {
+    let Some(kind) = value(m, "check") else {
+        return match CHECK_TUNING.iter().find(|id| given(m, id)) {
+            Some(id) => Err(CliError(format!("--{id} needs --check tcp|mysql|galera"))),
+            None => Ok(None),
+        };
+    };
+    let kind = match utf8(kind, "--check")? {
+        "tcp" => CheckKind::Tcp,
+        "mysql" => CheckKind::Mysql,
+        "galera" => CheckKind::Galera,
+        other => {
+            return Err(CliError(format!(
+                "--check must be tcp, mysql or galera, not '{other}'"
+            )))
+        }
+    };
+    let seconds = |id: &str, default: f64| -> Result<Duration, CliError> {
+        match value(m, id) {
+            None => Ok(Duration::from_secs_f64(default)),
+            Some(v) => {
+                let text = utf8(v, id)?;
+                text.parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0 && *s < 86_400.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        CliError(format!("--{id} needs a positive number of seconds, got '{text}'"))
+                    })
+            }
+        }
+    };
+    let count = |id: &str| -> Result<u32, CliError> { Ok(positive(m, id)?.unwrap_or(2)) };
+    let choice = |id: &str, names: &[&str]| -> Result<usize, CliError> {
+        match value(m, id) {
+            None => Ok(0),
+            Some(v) => {
+                let text = utf8(v, id)?;
+                names
+                    .iter()
+                    .position(|n| *n == text)
+                    .ok_or_else(|| CliError(format!("--{id} must be {}, not '{text}'", names.join(" or "))))
+            }
+        }
+    };
+    let user = match value(m, "check-user") {
+        Some(v) => Some(utf8(non_empty(v, "check-user")?, "--check-user")?.to_owned()),
+        None => None,
+    };
+    let password = match value(m, "check-password-file") {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                CliError(format!(
+                    "cannot read --check-password-file '{}': {e}",
+                    file.to_string_lossy()
+                ))
+            })?;
+            // A trailing newline is how editors save files, not part of the password.
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        None => env(PASSWORD_ENV),
+    };
+    if kind == CheckKind::Galera {
+        if user.is_none() {
+            return Err(CliError("--check galera needs --check-user USER".into()));
+        }
+        if password.is_none() {
+            return Err(CliError(format!(
+                "--check galera needs a password: --check-password-file FILE or the {PASSWORD_ENV} environment variable"
+            )));
+        }
+    }
+    Ok(Some(HealthOptions {
+        kind,
+        interval: seconds("check-interval", 1.0)?,
+        timeout: seconds("check-timeout", 1.0)?,
+        rise: count("rise")?,
+        fall: count("fall")?,
+        user,
+        password,
+        donor: [DonorPolicy::Drain, DonorPolicy::Down, DonorPolicy::Up]
+            [choice("donor", &["drain", "down", "up"])?],
+        on_down: [OnDown::Keep, OnDown::Close][choice("on-down", &["keep", "close"])?],
+    }))
 }
 
 /// The listen address, the backends and the `-e` server, which defaults to
@@ -882,13 +1063,111 @@ mod tests {
             error(&["-U", "80", "127.0.0.1"]),
             "-U (UDP) is not available in this version"
         );
-        assert_eq!(
-            error(&["-C", "8888", "80", "127.0.0.1"]),
-            "-C (control port) is not available in this version"
-        );
         assert!(error(&["-E", "cert.pem", "80", "127.0.0.1"]).starts_with("-E (TLS)"));
         // The first refused option on the command line is the one reported.
-        assert!(error(&["-f", "-X", "-U", "80", "127.0.0.1"]).starts_with("-X"));
+        assert!(error(&["-f", "-a", "-U", "80", "127.0.0.1"]).starts_with("-a"));
+    }
+
+    #[test]
+    fn control_plane_options() {
+        let config = run(&[
+            "-C",
+            "127.0.0.1:8888",
+            "-F",
+            "pen.cfg",
+            "-o",
+            "prio",
+            "-w",
+            "stats.html",
+            "-X",
+            "-O",
+            "hash",
+            "-B",
+            "127.0.0.1:81",
+            "80",
+            "127.0.0.1",
+        ]);
+        assert_eq!(config.control, Some(inet("127.0.0.1:8888")));
+        assert_eq!(config.config_file, Some(PathBuf::from("pen.cfg")));
+        assert_eq!(config.startup_commands, ["prio", "hash"], "in command-line order");
+        assert_eq!(config.web_stats, Some(PathBuf::from("stats.html")));
+        assert!(config.exit_enabled);
+        assert_eq!(config.abuse, Some(server("127.0.0.1:81")));
+        assert_eq!(
+            run(&["-C", "/run/pen.ctl", "80", "127.0.0.1"]).control,
+            Some(Endpoint::Unix("/run/pen.ctl".into()))
+        );
+    }
+
+    #[test]
+    fn health_check_options() {
+        let parse_env = |args: &[&str], password: Option<&str>| {
+            let argv = std::iter::once("ringpen").chain(args.iter().copied());
+            parse_with_env(argv, |_| password.map(str::to_owned))
+        };
+        let health = |args: &[&str]| match parse_env(args, None).map(|p| p.command) {
+            Ok(Command::Run(config)) => config.health,
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(health(&["80", "127.0.0.1"]), None);
+        let tcp = health(&[
+            "--check",
+            "tcp",
+            "--check-interval",
+            "0.5",
+            "--rise",
+            "3",
+            "80",
+            "127.0.0.1",
+        ])
+        .unwrap();
+        assert_eq!(
+            (tcp.kind, tcp.interval, tcp.rise, tcp.fall),
+            (CheckKind::Tcp, Duration::from_millis(500), 3, 2)
+        );
+        assert_eq!(tcp.timeout, Duration::from_secs(1));
+        let galera = [
+            "--check",
+            "galera",
+            "--check-user",
+            "lb",
+            "--donor",
+            "down",
+            "80",
+            "127.0.0.1",
+        ];
+        let with_env = parse_env(&galera, Some("secret")).unwrap();
+        let Command::Run(config) = with_env.command else {
+            panic!()
+        };
+        let opts = config.health.unwrap();
+        assert_eq!(
+            (opts.password.as_deref(), opts.donor),
+            (Some("secret"), DonorPolicy::Down)
+        );
+        assert!(
+            !format!("{opts:?}").contains("secret"),
+            "Debug must hide the password"
+        );
+        let err = |args: &[&str]| parse_env(args, None).unwrap_err().to_string();
+        assert!(err(&galera).contains("RINGPEN_CHECK_PASSWORD"));
+        assert!(err(&["--check", "galera", "80", "127.0.0.1"]).contains("--check-user"));
+        assert!(err(&["--rise", "3", "80", "127.0.0.1"]).contains("--rise needs --check"));
+        assert!(err(&["--check", "icmp", "80", "127.0.0.1"]).contains("'icmp'"));
+        assert!(
+            err(&["--check", "tcp", "--check-interval", "0", "80", "127.0.0.1"]).contains("--check-interval")
+        );
+        assert!(err(&[
+            "--check",
+            "mysql",
+            "--check-password-file",
+            "/nonexistent/pw",
+            "80",
+            "127.0.0.1"
+        ])
+        .contains("/nonexistent/pw"));
+        assert!(err(&["--check", "tcp", "--on-down", "kill", "80", "127.0.0.1"]).contains("--on-down"));
+        assert!(err(&["--metrics", "99999", "80", "127.0.0.1"]).contains("--metrics"));
     }
 
     #[test]

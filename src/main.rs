@@ -11,8 +11,10 @@ use syslog_tracing::{Facility, Options};
 use ringpen::accesslog::{AccessLog, Sink};
 use ringpen::cli::{self, Command};
 use ringpen::config::{Config, LogTarget};
+use ringpen::control::state::ControlState;
+use ringpen::control::Control;
 use ringpen::dataplane::{self, listener, Shared};
-use ringpen::routing::{Counters, RoutingTable};
+use ringpen::routing::{CounterBank, RoutingTable};
 use ringpen::select::client_table::{ClientTable, SharedClientTable};
 use ringpen::{control, process};
 
@@ -70,7 +72,25 @@ fn init_tracing(debug: u8, foreground: bool) {
     }
 }
 
+/// Options the command line takes whose machinery this build has not
+/// wired in yet: refused with one line rather than silently ignored.
+fn refuse_unwired(config: &Config) -> anyhow::Result<()> {
+    let unwired = [
+        (config.control.is_some(), "-C (control port)"),
+        (config.config_file.is_some(), "-F (configuration file)"),
+        (!config.startup_commands.is_empty(), "-O/-o (penctl command)"),
+        (config.web_stats.is_some(), "-w (HTML status file)"),
+        (config.metrics.is_some(), "--metrics"),
+        (config.health.is_some(), "--check"),
+    ];
+    match unwired.iter().find(|(given, _)| *given) {
+        Some((_, what)) => anyhow::bail!("{what} is not available in this version"),
+        None => Ok(()),
+    }
+}
+
 fn run(mut config: Config) -> anyhow::Result<()> {
+    refuse_unwired(&config)?;
     process::hold_control_signals()?;
     // Daemonizing and -j change what relative paths mean.
     config.pid_file = config.pid_file.as_deref().map(process::absolute);
@@ -79,6 +99,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     }
 
     let listener = listener::bind(&config.listen, config.backlog)?;
+    let config_listen = config.listen.clone();
     dataplane::probe()?;
     let log_sink = config
         .log
@@ -104,25 +125,27 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         process::become_user(user)?;
     }
 
-    let table = RoutingTable::from_config(&config).context("bad server address")?;
+    let state = ControlState::from_config(&config);
+    let mut counters = CounterBank::default();
+    let table = RoutingTable::build(&state, &mut counters, 0);
     let (control_tx, control_rx) = control::channel();
     let shared = Arc::new(Shared::new(
         Arc::new(ArcSwap::from_pointee(table)),
-        Counters::new(config.servers.len()),
-        SharedClientTable::new(ClientTable::new(config.clients_max, config.tracking_secs)),
+        counters.global.clone(),
+        listener,
+        SharedClientTable::new(ClientTable::new(state.clients_max, state.tracking_secs)),
         AccessLog::new(log_sink),
         control_tx,
         config.workers,
     )?);
 
-    let listener = Arc::new(listener);
-    let workers = dataplane::spawn_workers(config.workers, listener.clone(), shared.clone())?;
-    let listen_addr = config.listen.clone();
+    let workers = dataplane::spawn_workers(config.workers, shared.clone())?;
+    let control = Control::new(state, counters, shared.clone());
     let control_shared = shared.clone();
     std::thread::Builder::new()
         .name("ringpen-control".into())
         .spawn(move || {
-            if let Err(e) = control::run(config, control_shared.clone(), control_rx) {
+            if let Err(e) = control::run(control, control_rx) {
                 tracing::error!("control thread: {e:#}");
                 control_shared.stop();
             }
@@ -141,7 +164,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             failure.get_or_insert(e);
         }
     }
-    listener::close(&listener, &listen_addr);
+    listener::close(&shared.listener.load(), &config_listen);
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

@@ -1,8 +1,9 @@
 //! The routing table: an immutable snapshot of everything a worker needs to
-//! place a new connection, published by the control thread with one atomic
-//! swap, plus the live counters that change per connection and therefore
-//! live outside the snapshot, shared by all its generations.
+//! place a new connection, built by the control thread from its state and
+//! published with one atomic swap. Counters that change per connection live
+//! outside the snapshot, shared by all its generations.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,82 +11,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use socket2::SockAddr;
 
-use crate::config::{Config, Mode, ServerSpec};
-use crate::select::Candidate;
-
-/// One server as the workers see it.
-#[derive(Debug, Clone)]
-pub struct ServerEntry {
-    pub spec: ServerSpec,
-    /// `spec.addr` in kernel form, made once per table rather than per connect.
-    pub sockaddr: SockAddr,
-    /// Skipped for new connections until then (passive blacklisting, `-b`).
-    pub blacklisted_until: Option<Instant>,
-}
-
-impl ServerEntry {
-    pub fn new(spec: ServerSpec) -> std::io::Result<Self> {
-        Ok(ServerEntry {
-            sockaddr: spec.addr.to_sockaddr()?,
-            spec,
-            blacklisted_until: None,
-        })
-    }
-
-    pub fn is_blacklisted(&self, now: Instant) -> bool {
-        self.blacklisted_until.is_some_and(|until| now < until)
-    }
-
-    /// The selection view of this server, given its live connection count.
-    pub fn candidate(&self, now: Instant, conns: u32) -> Candidate {
-        Candidate {
-            usable: self.spec.addr.is_connectable(),
-            blacklisted: self.is_blacklisted(now),
-            conns,
-            max: self.spec.max,
-            hard: self.spec.hard,
-            weight: self.spec.weight,
-            prio: self.spec.prio,
-        }
-    }
-}
-
-/// An immutable generation of the routing state. Workers load the current
-/// one once per new connection; the control thread replaces it whole.
-#[derive(Debug, Clone)]
-pub struct RoutingTable {
-    pub generation: u64,
-    pub servers: Vec<ServerEntry>,
-    pub emergency: Option<ServerEntry>,
-    pub mode: Mode,
-    pub connect_timeout: Duration,
-    pub blacklist: Duration,
-    pub http: bool,
-    pub conn_max: usize,
-    pub accepts_per_wakeup: u32,
-}
-
-impl RoutingTable {
-    /// The first generation, straight from the command line.
-    pub fn from_config(config: &Config) -> std::io::Result<Self> {
-        Ok(RoutingTable {
-            generation: 0,
-            servers: config
-                .servers
-                .iter()
-                .cloned()
-                .map(ServerEntry::new)
-                .collect::<Result<_, _>>()?,
-            emergency: config.emergency.clone().map(ServerEntry::new).transpose()?,
-            mode: config.mode,
-            connect_timeout: Duration::from_secs(config.connect_timeout_secs),
-            blacklist: Duration::from_secs(config.blacklist_secs),
-            http: config.http,
-            conn_max: config.conn_max,
-            accepts_per_wakeup: config.accepts_per_wakeup,
-        })
-    }
-}
+use crate::config::{Mode, ServerSpec};
+use crate::control::state::{ControlState, FastClose, ServerConf, ACL_COUNT};
+use crate::select::acl::AclEntry;
+use crate::select::{Candidate, Target};
 
 /// Per-server counters, shared by every table generation.
 #[derive(Debug, Default)]
@@ -134,39 +63,195 @@ impl ServerCounters {
 pub struct GlobalCounters {
     /// Client connections open now (accepted and not yet closed).
     pub active: AtomicUsize,
+    /// Backend connects in progress (`pending_max`).
+    pub connecting: AtomicUsize,
     pub accepted: AtomicU64,
+    /// Clients turned away by the client ACL (with no `-B` server).
+    pub refused_acl: AtomicU64,
+    /// Clients closed because no server could take them.
+    pub refused_limit: AtomicU64,
 }
 
-/// Live counters: one per server index, plus the emergency server's.
-#[derive(Debug)]
-pub struct Counters {
-    pub servers: Vec<ServerCounters>,
-    pub emergency: ServerCounters,
-    pub global: GlobalCounters,
+/// One server as the workers see it.
+#[derive(Debug, Clone)]
+pub struct ServerEntry {
+    pub spec: ServerSpec,
+    /// `spec.addr` in kernel form, made once per table rather than per connect.
+    pub sockaddr: SockAddr,
+    /// Skipped for new connections until then (passive blacklisting, `-b`).
+    pub blacklisted_until: Option<Instant>,
+    /// The access list its clients must pass.
+    pub acl: u8,
+    /// False while an active health check keeps new connections away.
+    pub accepts_new: bool,
+    pub counters: Arc<ServerCounters>,
 }
 
-impl Counters {
-    pub fn new(servers: usize) -> Self {
-        Counters {
-            servers: (0..servers).map(|_| ServerCounters::default()).collect(),
-            emergency: ServerCounters::default(),
-            global: GlobalCounters::default(),
+impl ServerEntry {
+    fn build(
+        conf: &ServerConf,
+        counters: Arc<ServerCounters>,
+        blacklist_secs: u64,
+        now: Instant,
+        now_epoch: u64,
+    ) -> Self {
+        let remaining = (conf.status + blacklist_secs).saturating_sub(now_epoch);
+        ServerEntry {
+            // An address the kernel cannot take (an over-long Unix path) is
+            // kept as unusable rather than failing the whole table.
+            sockaddr: conf.spec.addr.to_sockaddr().unwrap_or_else(|_| unspecified()),
+            spec: conf.spec.clone(),
+            blacklisted_until: (conf.is_blacklisted(now_epoch, blacklist_secs))
+                .then(|| now + Duration::from_secs(remaining)),
+            acl: conf.acl,
+            accepts_new: conf.health.accepts_new(),
+            counters,
         }
     }
+
+    pub fn is_blacklisted(&self, now: Instant) -> bool {
+        self.blacklisted_until.is_some_and(|until| now < until)
+    }
+
+    /// The selection view of this server now.
+    pub fn candidate(&self, now: Instant) -> Candidate {
+        Candidate {
+            usable: self.accepts_new && self.spec.addr.is_connectable() && self.sockaddr.family() != 0,
+            blacklisted: self.is_blacklisted(now),
+            conns: self.counters.active.load(Ordering::Relaxed),
+            max: self.spec.max,
+            hard: self.spec.hard,
+            weight: self.spec.weight,
+            prio: self.spec.prio,
+            denied: false,
+        }
+    }
+}
+
+fn unspecified() -> SockAddr {
+    SockAddr::from(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Counters the control thread keeps for every server slot it has ever had,
+/// so they survive table generations and `server N` edits.
+#[derive(Debug, Default)]
+pub struct CounterBank {
+    pub servers: Vec<Arc<ServerCounters>>,
+    pub emergency: Arc<ServerCounters>,
+    pub abuse: Arc<ServerCounters>,
+    pub global: Arc<GlobalCounters>,
+}
+
+impl CounterBank {
+    /// Counters for server `index`, made on first use.
+    pub fn server(&mut self, index: usize) -> Arc<ServerCounters> {
+        while self.servers.len() <= index {
+            self.servers.push(Arc::default());
+        }
+        self.servers[index].clone()
+    }
+}
+
+/// An immutable generation of the routing state. Workers load the current
+/// one once per new connection; the control thread replaces it whole.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    pub generation: u64,
+    pub servers: Vec<ServerEntry>,
+    pub emergency: Option<ServerEntry>,
+    /// `-B`: where clients the client ACL denies go.
+    pub abuse: Option<ServerEntry>,
+    pub mode: Mode,
+    pub connect_timeout: Duration,
+    pub blacklist: Duration,
+    pub http: bool,
+    pub conn_max: usize,
+    pub pending_max: usize,
+    pub accepts_per_wakeup: u32,
+    pub acls: Arc<[Vec<AclEntry>; ACL_COUNT]>,
+    pub client_acl: u8,
+    pub idle_timeout: Option<Duration>,
+    pub tcp_nodelay: bool,
+    pub tcp_fastclose: FastClose,
+    pub keepalive: bool,
+    pub source: Option<IpAddr>,
+}
+
+impl RoutingTable {
+    /// Builds generation `generation` from the control thread's state.
+    pub fn build(state: &ControlState, counters: &mut CounterBank, generation: u64) -> Self {
+        let now = Instant::now();
+        let now_epoch = epoch_now();
+        let entry = |conf: &ServerConf, c: Arc<ServerCounters>| {
+            ServerEntry::build(conf, c, state.blacklist_secs, now, now_epoch)
+        };
+        RoutingTable {
+            generation,
+            servers: state
+                .servers
+                .iter()
+                .enumerate()
+                .map(|(i, conf)| entry(conf, counters.server(i)))
+                .collect(),
+            emergency: state
+                .emergency
+                .as_ref()
+                .map(|c| entry(c, counters.emergency.clone())),
+            abuse: state.abuse.as_ref().map(|c| entry(c, counters.abuse.clone())),
+            mode: state.mode,
+            connect_timeout: Duration::from_secs(state.connect_timeout_secs),
+            blacklist: Duration::from_secs(state.blacklist_secs),
+            http: state.http,
+            conn_max: state.conn_max,
+            pending_max: state.pending_max.max(1),
+            accepts_per_wakeup: state.accepts_per_wakeup,
+            acls: Arc::new(state.acls.clone()),
+            client_acl: state.client_acl,
+            idle_timeout: (state.idle_timeout_secs > 0).then(|| Duration::from_secs(state.idle_timeout_secs)),
+            tcp_nodelay: state.tcp_nodelay,
+            tcp_fastclose: state.tcp_fastclose,
+            keepalive: state.keepalive,
+            source: state.source,
+        }
+    }
+
+    /// The server a target names, if it still exists in this generation.
+    pub fn entry(&self, target: Target) -> Option<&ServerEntry> {
+        match target {
+            Target::Server(i) => self.servers.get(i),
+            Target::Emergency => self.emergency.as_ref(),
+            Target::Abuse => self.abuse.as_ref(),
+        }
+    }
+
+    /// Whether access list `acl` lets `client` in.
+    pub fn permits(&self, acl: u8, client: Option<IpAddr>) -> bool {
+        self.acls
+            .get(usize::from(acl))
+            .is_none_or(|list| crate::select::acl::permits(list, client))
+    }
+}
+
+/// Seconds since the epoch, Pen's time base for blacklisting and stats.
+pub fn epoch_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The published table: workers `load()`, the control thread `store()`s.
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
-/// Adapts a table and its counters to what pure selection needs.
+/// Adapts a table to what pure selection needs, for one client.
 pub struct ServersView<'a> {
     pub table: &'a RoutingTable,
-    pub counters: &'a Counters,
     pub now: Instant,
     /// Servers this connection already failed to reach: blacklisted for it
     /// at once, before the control thread's new table arrives (Pen
     /// blacklists synchronously, so its failover never retries them).
     pub failed: &'a [usize],
+    /// The client, for per-server access lists.
+    pub client: Option<IpAddr>,
 }
 
 impl crate::select::Servers for ServersView<'_> {
@@ -175,19 +260,16 @@ impl crate::select::Servers for ServersView<'_> {
     }
 
     fn candidate(&self, index: usize) -> Candidate {
-        let conns = self.counters.servers[index].active.load(Ordering::Relaxed);
-        let mut candidate = self.table.servers[index].candidate(self.now, conns);
+        let entry = &self.table.servers[index];
+        let mut candidate = entry.candidate(self.now);
         candidate.blacklisted |= self.failed.contains(&index);
+        candidate.denied = !self.table.permits(entry.acl, self.client);
         candidate
     }
 }
 
 impl ServersView<'_> {
     pub fn emergency(&self) -> Option<Candidate> {
-        let conns = self.counters.emergency.active.load(Ordering::Relaxed);
-        self.table
-            .emergency
-            .as_ref()
-            .map(|e| e.candidate(self.now, conns))
+        self.table.emergency.as_ref().map(|e| e.candidate(self.now))
     }
 }

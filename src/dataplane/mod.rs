@@ -8,9 +8,10 @@ pub mod proxy;
 pub mod ring;
 mod worker;
 
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -18,16 +19,105 @@ use anyhow::Context;
 
 use crate::accesslog::AccessLog;
 use crate::control::ControlSender;
-use crate::routing::{Counters, SharedTable};
+use crate::routing::{GlobalCounters, SharedTable};
 use crate::select::client_table::SharedClientTable;
-use crate::select::RoundRobin;
+use crate::select::{RoundRobin, Target};
+
+/// Something the control thread asks one worker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerRequest {
+    /// `close N`: tear down the worker's connection with this local id.
+    Close(u32),
+    /// `listen`: a new listener was published; accept from it.
+    Relisten,
+}
+
+/// One open connection as `connection N` and the status page show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub worker: usize,
+    /// The worker's own id for it.
+    pub local: u32,
+    pub client: Option<SocketAddr>,
+    pub client_fd: RawFd,
+    /// -1 until a backend socket exists.
+    pub backend_fd: RawFd,
+    pub target: Option<Target>,
+}
+
+/// Pen's connection table: numbers every open connection (lowest free
+/// number first, as Pen's slots) so the control port can name it. Touched
+/// once when a connection opens, when its backend changes and when it closes.
+#[derive(Debug, Default)]
+pub struct Registry {
+    slots: Mutex<Vec<Option<ConnInfo>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<ConnInfo>>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Numbers a new connection.
+    pub fn open(&self, info: ConnInfo) -> usize {
+        let mut slots = self.lock();
+        match slots.iter().position(Option::is_none) {
+            Some(n) => {
+                slots[n] = Some(info);
+                n
+            }
+            None => {
+                slots.push(Some(info));
+                slots.len() - 1
+            }
+        }
+    }
+
+    pub fn set_backend(&self, number: usize, target: Option<Target>, backend_fd: RawFd) {
+        if let Some(Some(info)) = self.lock().get_mut(number) {
+            info.target = target;
+            info.backend_fd = backend_fd;
+        }
+    }
+
+    pub fn close(&self, number: usize) {
+        if let Some(slot) = self.lock().get_mut(number) {
+            *slot = None;
+        }
+    }
+
+    pub fn get(&self, number: usize) -> Option<ConnInfo> {
+        self.lock().get(number).copied().flatten()
+    }
+
+    /// Every open connection with its number.
+    pub fn snapshot(&self) -> Vec<(usize, ConnInfo)> {
+        let slots = self.lock();
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(n, s)| s.map(|info| (n, info)))
+            .collect()
+    }
+
+    /// The highest number handed out so far plus one (Pen's "last").
+    pub fn high_water(&self) -> usize {
+        self.lock().len()
+    }
+}
 
 /// What all workers share with each other and with the control thread.
 pub struct Shared {
     pub table: SharedTable,
-    pub counters: Counters,
+    pub global: Arc<GlobalCounters>,
     pub clients: SharedClientTable,
     pub rr: RoundRobin,
+    /// Pen's `current`: the server most recently connected to.
+    pub rr_current: AtomicUsize,
+    /// The listening socket; `listen` replaces it.
+    pub listener: arc_swap::ArcSwap<OwnedFd>,
+    pub registry: Registry,
+    requests: Vec<Mutex<Vec<WorkerRequest>>>,
     pub log: AccessLog,
     pub control: ControlSender,
     /// Set once, to make every worker stop.
@@ -42,7 +132,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         table: SharedTable,
-        counters: Counters,
+        global: Arc<GlobalCounters>,
+        listener: OwnedFd,
         clients: SharedClientTable,
         log: AccessLog,
         control: ControlSender,
@@ -54,9 +145,13 @@ impl Shared {
             .context("cannot create the workers' wake-up eventfds")?;
         Ok(Shared {
             table,
-            counters,
+            global,
             clients,
             rr: RoundRobin::new(),
+            rr_current: AtomicUsize::new(0),
+            listener: arc_swap::ArcSwap::from_pointee(listener),
+            registry: Registry::default(),
+            requests: (0..workers).map(|_| Mutex::default()).collect(),
             log,
             control,
             stopping: AtomicBool::new(false),
@@ -78,6 +173,25 @@ impl Shared {
         unsafe {
             libc::write(self.wakers[id].as_raw_fd(), (&one as *const u64).cast(), 8);
         }
+    }
+
+    /// Hands worker `id` a request and wakes it.
+    pub fn request(&self, id: usize, request: WorkerRequest) {
+        if let Some(queue) = self.requests.get(id) {
+            queue.lock().unwrap_or_else(PoisonError::into_inner).push(request);
+            self.wake(id);
+        }
+    }
+
+    /// Asks every worker.
+    pub fn request_all(&self, request: WorkerRequest) {
+        for id in 0..self.requests.len() {
+            self.request(id, request);
+        }
+    }
+
+    fn take_requests(&self, id: usize) -> Vec<WorkerRequest> {
+        std::mem::take(&mut *self.requests[id].lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Tells every worker to stop.
@@ -130,17 +244,15 @@ pub fn probe() -> Result<(), ring::RingError> {
 /// Starts `count` workers on `listener`; each returns when `stop` is called.
 pub fn spawn_workers(
     count: usize,
-    listener: Arc<OwnedFd>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<()>>>> {
     anyhow::ensure!(count <= 64, "--workers: at most 64 workers are supported");
     (0..count)
         .map(|id| {
-            let listener = listener.clone();
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("ringpen-worker-{id}"))
-                .spawn(move || worker::run(id, listener, shared))
+                .spawn(move || worker::run(id, shared))
                 .context("cannot start a worker thread")
         })
         .collect()

@@ -114,20 +114,20 @@ impl Direction {
 pub struct Proxy {
     /// Indexed by the source side: `dirs[Client]` carries client → backend.
     dirs: [Direction; 2],
+    /// `tcp_fastclose`, indexed by the side whose EOF closes everything.
+    fast_close: [bool; 2],
     aborting: bool,
     closed: bool,
 }
 
-impl Default for Proxy {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Proxy {
-    pub fn new() -> Self {
+    /// `close_on_client_eof` / `close_on_backend_eof`: Pen's `tcp_fastclose`
+    /// (down / up): that side's EOF closes both sides at once instead of
+    /// being passed on as a half-close.
+    pub fn new(close_on_client_eof: bool, close_on_backend_eof: bool) -> Self {
         Proxy {
             dirs: [Direction::new(), Direction::new()],
+            fast_close: [close_on_client_eof, close_on_backend_eof],
             aborting: false,
             closed: false,
         }
@@ -178,7 +178,7 @@ impl Proxy {
                 r if r == -libc::ENOBUFS => Recv::Starved,
                 _ => Recv::Idle,
             };
-            if failed {
+            if failed || (res == 0 && self.fast_close[source as usize]) {
                 self.abort(out);
                 return self.maybe_close(out);
             }
@@ -322,7 +322,7 @@ mod tests {
     use Side::*;
 
     fn started() -> (Proxy, Vec<Op>) {
-        let mut p = Proxy::new();
+        let mut p = Proxy::new(false, false);
         let mut out = Vec::new();
         p.start(&mut out);
         assert_eq!(out, vec![Op::ArmRecv(Client), Op::ArmRecv(Backend)]);
@@ -507,6 +507,19 @@ mod tests {
         out.clear();
         p.on_recv(Client, 10, Some(5), true, &mut out);
         assert_eq!(out, vec![Op::Release(5)]);
+    }
+
+    #[test]
+    fn fast_close_turns_that_sides_eof_into_a_close() {
+        let mut p = Proxy::new(false, true);
+        let mut out = Vec::new();
+        p.start(&mut out);
+        out.clear();
+        p.on_recv(Client, 0, None, false, &mut out);
+        assert!(!out.contains(&Op::Abort), "a client EOF is still a half-close");
+        out.clear();
+        p.on_recv(Backend, 0, None, false, &mut out);
+        assert_eq!(out[0], Op::Abort);
     }
 
     #[test]

@@ -16,11 +16,12 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::bufring::BufRing;
 use super::proxy::{Op, Proxy, Side};
-use super::{http, ring, Shared};
+use super::{http, ring, ConnInfo, Shared, WorkerRequest};
+use crate::control::state::FastClose;
 use crate::control::ControlEvent;
-use crate::routing::ServersView;
+use crate::routing::{RoutingTable, ServerCounters, ServersView};
 use crate::select::client_table::ClientKey;
-use crate::select::{first_choice, Attempts, Target};
+use crate::select::{first_choice, Attempts, Choice, Target};
 
 /// Receive buffers per worker and their size. Only buffers holding data in
 /// flight are ever touched, so this is address space, not resident memory.
@@ -37,6 +38,8 @@ enum Tag {
     Connect,
     ConnectTimeout,
     Cancel,
+    /// The once-a-second timer that enforces `idle_timeout`.
+    Tick,
     Recv(Side),
     Send(Side),
     Shutdown(Side),
@@ -53,6 +56,7 @@ impl Tag {
             Tag::Recv(side) => 6 + side as u8,
             Tag::Send(side) => 8 + side as u8,
             Tag::Shutdown(side) => 10 + side as u8,
+            Tag::Tick => 12,
         }
     }
 
@@ -67,6 +71,7 @@ impl Tag {
             6 | 7 => Tag::Recv(side),
             8 | 9 => Tag::Send(side),
             10 | 11 => Tag::Shutdown(side),
+            12 => Tag::Tick,
             _ => return None,
         })
     }
@@ -93,8 +98,15 @@ struct Conn {
     slot: usize,
     tracked: Option<usize>,
     attempts: Attempts,
-    /// The server whose connection counter this connection holds.
+    /// Turned away by the client ACL: goes to the `-B` server or nowhere.
+    abuse: bool,
+    abuse_tried: bool,
+    /// Set by `close N` or the idle timeout while a connect is in flight.
+    closing: bool,
+    /// The server this connection is connecting or connected to, and the
+    /// counters it holds a slot in (kept here: a new table cannot lose them).
     target: Option<Target>,
+    counters: Option<Arc<ServerCounters>>,
     /// Servers whose connect failed for this client (rarely more than one).
     failed: Vec<usize>,
     backend: Option<Socket>,
@@ -104,6 +116,10 @@ struct Conn {
     /// Completions owed outside the proxy machine (connect, its timeout,
     /// cancels); the slot is reused only when this is zero.
     owed: u32,
+    /// Pen's connection number (`connection N`, `close N`).
+    number: usize,
+    /// When either side last sent something (`idle_timeout`).
+    last_active: Instant,
     /// `-H` as it was when the client arrived.
     http: bool,
     /// For `-l`: both addresses as text, set only when logging.
@@ -139,15 +155,20 @@ struct Worker {
     listener: Arc<OwnedFd>,
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
-    /// Accepted sockets waiting for capacity (`-x`) or for the next turn (`-m`).
+    /// Accepted sockets waiting for capacity (`-x`, `pending_max`) or for
+    /// the next turn (`-m`).
     parked: VecDeque<OwnedFd>,
     accept_armed: bool,
-    /// Stopped accepting at the `-x` limit.
+    /// Stopped accepting at the `-x` or `pending_max` limit.
     paused: bool,
     /// (connection, side) whose receive ended for lack of buffers.
     starved: Vec<(u32, Side)>,
     waker_buf: Box<u64>,
     timeout: Box<types::Timespec>,
+    tick: Box<types::Timespec>,
+    tick_armed: bool,
+    /// Read once per loop turn: the clock for `idle_timeout`.
+    now: Instant,
     ops: Vec<Op>,
     completions: Vec<(u64, i32, u32)>,
     log_line: Vec<u8>,
@@ -155,7 +176,7 @@ struct Worker {
 }
 
 /// The worker thread's body.
-pub fn run(id: usize, listener: Arc<OwnedFd>, shared: Arc<Shared>) -> anyhow::Result<()> {
+pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
     let ring = ring::new_ring().with_context(|| format!("worker {id}"))?;
     let bufs = BufRing::register(&ring.submitter(), 0, BUF_COUNT, BUF_SIZE)
         .with_context(|| format!("worker {id}: cannot register the buffer ring"))?;
@@ -163,8 +184,8 @@ pub fn run(id: usize, listener: Arc<OwnedFd>, shared: Arc<Shared>) -> anyhow::Re
         id,
         ring,
         bufs,
+        listener: shared.listener.load_full(),
         shared,
-        listener,
         conns: Vec::new(),
         free: Vec::new(),
         parked: VecDeque::new(),
@@ -173,6 +194,9 @@ pub fn run(id: usize, listener: Arc<OwnedFd>, shared: Arc<Shared>) -> anyhow::Re
         starved: Vec::new(),
         waker_buf: Box::new(0),
         timeout: Box::new(types::Timespec::new()),
+        tick: Box::new(types::Timespec::new().sec(1)),
+        tick_armed: false,
+        now: Instant::now(),
         ops: Vec::with_capacity(16),
         completions: Vec::with_capacity(256),
         log_line: Vec::new(),
@@ -180,6 +204,7 @@ pub fn run(id: usize, listener: Arc<OwnedFd>, shared: Arc<Shared>) -> anyhow::Re
     };
     worker.arm_waker();
     worker.arm_accept();
+    worker.arm_tick();
     worker.run_loop()
 }
 
@@ -193,13 +218,10 @@ impl Worker {
             };
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-                    ) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
                 Err(e) => return Err(e).with_context(|| format!("worker {}: io_uring_enter", self.id)),
             }
+            self.now = Instant::now();
             self.completions.clear();
             self.completions.extend(
                 self.ring
@@ -243,7 +265,7 @@ impl Worker {
     }
 
     fn arm_accept(&mut self) {
-        if self.accept_armed || self.stop {
+        if self.accept_armed || self.stop || self.paused {
             return;
         }
         self.accept_armed = true;
@@ -251,7 +273,8 @@ impl Worker {
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data(0, Tag::Accept));
-        // SAFETY: no pointers; the listener fd is held by `self.listener`.
+        // SAFETY: no pointers; the listener fd is held by `self.listener`
+        // until the accept has ended (see `relisten`).
         unsafe { self.push(&sqe) };
     }
 
@@ -266,6 +289,20 @@ impl Worker {
         unsafe { self.push(&sqe) };
     }
 
+    /// Arms the once-a-second timer while an idle timeout is configured.
+    fn arm_tick(&mut self) {
+        if self.tick_armed || self.stop || self.shared.table.load().idle_timeout.is_none() {
+            return;
+        }
+        self.tick_armed = true;
+        let sqe = opcode::Timeout::new(&*self.tick)
+            .build()
+            .user_data(user_data(0, Tag::Tick));
+        // SAFETY: the timespec is boxed in the worker, which outlives the
+        // ring; the kernel reads it at submission.
+        unsafe { self.push(&sqe) };
+    }
+
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let conn = (ud >> 8) as u32;
         let Some(tag) = Tag::decode(ud as u8) else {
@@ -274,6 +311,7 @@ impl Worker {
         match tag {
             Tag::Accept => self.on_accept(res, flags),
             Tag::Waker => self.on_waker(),
+            Tag::Tick => self.on_tick(),
             Tag::Cancel if conn == u32::MAX => {}
             Tag::Cancel | Tag::ConnectTimeout => self.settle_owed(conn),
             Tag::Connect => self.on_connect(conn, res),
@@ -288,10 +326,60 @@ impl Worker {
             self.stop = true;
             return;
         }
-        if self.paused {
-            self.paused = false;
+        self.paused = false;
+        for request in self.shared.take_requests(self.id) {
+            match request {
+                WorkerRequest::Close(local) => self.abort(local),
+                WorkerRequest::Relisten => self.relisten(),
+            }
         }
+        // A table with an idle timeout may have arrived.
+        self.arm_tick();
         self.arm_waker();
+    }
+
+    /// `listen`: accept from the new listener from now on.
+    fn relisten(&mut self) {
+        let current = self.shared.listener.load_full();
+        if !Arc::ptr_eq(&current, &self.listener) {
+            self.cancel_accept();
+            // The old socket stays open (held by the control thread) until
+            // the cancelled accept has completed; the next arm uses the new one.
+            self.listener = current;
+        }
+    }
+
+    /// Tears connection `id` down (`close N`, `idle_timeout`).
+    fn abort(&mut self, id: u32) {
+        let Some(conn) = self.conns.get_mut(id as usize).and_then(|c| c.as_deref_mut()) else {
+            return;
+        };
+        match &mut conn.phase {
+            Phase::Proxying(proxy) => {
+                proxy.abort(&mut self.ops);
+                self.apply(id);
+            }
+            // The connect's completion finds the client gone and gives up.
+            Phase::Connecting => conn.closing = true,
+            Phase::Failed => {}
+        }
+    }
+
+    /// `idle_timeout`: closes connections silent for longer than it.
+    fn on_tick(&mut self) {
+        self.tick_armed = false;
+        let Some(limit) = self.shared.table.load().idle_timeout else {
+            return;
+        };
+        for id in 0..self.conns.len() as u32 {
+            let idle = self.conns[id as usize].as_deref().is_some_and(|c| {
+                matches!(c.phase, Phase::Proxying(_)) && self.now.duration_since(c.last_active) > limit
+            });
+            if idle {
+                self.abort(id);
+            }
+        }
+        self.arm_tick();
     }
 
     fn on_accept(&mut self, res: i32, flags: u32) {
@@ -301,11 +389,7 @@ impl Worker {
         if res >= 0 {
             // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
             self.parked.push_back(unsafe { OwnedFd::from_raw_fd(res) });
-            self.shared
-                .counters
-                .global
-                .accepted
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.global.accepted.fetch_add(1, Ordering::Relaxed);
         } else if res != -libc::ECANCELED {
             tracing::warn!(
                 "worker {}: accept failed: {}",
@@ -313,9 +397,7 @@ impl Worker {
                 std::io::Error::from_raw_os_error(-res)
             );
         }
-        if !self.accept_armed && !self.paused {
-            self.arm_accept();
-        }
+        self.arm_accept();
     }
 
     /// Sets up parked clients while there is capacity, at most `-m` a turn.
@@ -331,131 +413,169 @@ impl Worker {
             self.setup(fd);
             admitted += 1;
         }
-        if self.paused && !self.stop {
-            self.paused = false;
-        }
-        if !self.accept_armed {
-            self.arm_accept();
-        }
+        self.paused = false;
+        self.arm_accept();
     }
 
-    /// Reserves one of the `-x` connection slots.
+    /// Reserves one of the `-x` connection slots, unless `pending_max`
+    /// connects are already in progress.
     fn take_capacity(&self) -> bool {
-        let max = self.shared.table.load().conn_max;
-        self.shared
-            .counters
-            .global
-            .active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        let table = self.shared.table.load();
+        let global = &self.shared.global;
+        global.connecting.load(Ordering::Acquire) < table.pending_max
+            && global
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < table.conn_max).then_some(n + 1)
+                })
+                .is_ok()
     }
 
-    /// At the `-x` limit: stop accepting until a connection closes.
+    /// At a limit: stop accepting until a connection closes or a connect
+    /// completes anywhere.
     fn pause(&mut self) {
         self.paused = true;
         self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
         self.cancel_accept();
-        // A connection may have closed between the check and the flag.
-        if self.shared.counters.global.active.load(Ordering::Acquire) < self.shared.table.load().conn_max {
+        // Capacity may have come back between the check and the flag.
+        let table = self.shared.table.load();
+        let global = &self.shared.global;
+        if global.active.load(Ordering::Acquire) < table.conn_max
+            && global.connecting.load(Ordering::Acquire) < table.pending_max
+        {
             self.shared.wake(self.id);
         }
     }
 
     fn setup(&mut self, fd: OwnedFd) {
         let client = Socket::from(fd);
-        let peer = client.peer_addr().ok();
-        let client_ip = peer.as_ref().and_then(|a| a.as_socket()).map(|a| a.ip());
-        let client_port = peer.as_ref().and_then(|a| a.as_socket()).map_or(0, |a| a.port());
-        let client_key = match client_ip {
-            Some(ip) => ClientKey::Ip(canonical(ip)),
-            None => ClientKey::Unix,
-        };
-        let now_secs = self.shared.now_secs();
-        let (slot, tracked) = self.shared.clients.visit(client_key, now_secs);
+        let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
+        let client_ip = peer.map(|a| canonical(a.ip()));
+        let client_port = peer.map_or(0, |a| a.port());
+        let client_key = client_ip.map_or(ClientKey::Unix, ClientKey::Ip);
         let table = self.shared.table.load();
-        let view = ServersView {
-            table: &table,
-            counters: &self.shared.counters,
-            now: Instant::now(),
-            failed: &[],
+        if !table.tcp_nodelay {
+            // The listener's TCP_NODELAY is inherited; `no tcp_nodelay` undoes it.
+            let _ = client.set_tcp_nodelay(false);
+        }
+        let (slot, tracked) = self.shared.clients.visit(client_key, self.shared.now_secs());
+        let abuse = !table.permits(table.client_acl, client_ip);
+        let first = if abuse {
+            None
+        } else {
+            let view = ServersView {
+                table: &table,
+                now: self.now,
+                failed: &[],
+                client: client_ip,
+            };
+            first_choice(
+                &table.mode,
+                &view,
+                client_key,
+                client_port,
+                tracked,
+                &self.shared.rr,
+            )
         };
-        let first = first_choice(
-            &table.mode,
-            &view,
-            client_key,
-            client_port,
-            tracked,
-            &self.shared.rr,
-        );
-        let conn = Box::new(Conn {
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            (self.conns.len() - 1) as u32
+        });
+        let number = self.shared.registry.open(ConnInfo {
+            worker: self.id,
+            local: id,
+            client: peer,
+            client_fd: client.as_raw_fd(),
+            backend_fd: -1,
+            target: None,
+        });
+        let client_text = match (self.shared.log.is_enabled(), client_ip) {
+            (false, _) => String::new(),
+            (true, Some(ip)) => ip.to_string(),
+            (true, None) => "unix".to_string(),
+        };
+        self.conns[id as usize] = Some(Box::new(Conn {
             client,
             client_key,
             client_ip,
             slot,
             tracked,
             attempts: Attempts::new(first),
+            abuse,
+            abuse_tried: false,
+            closing: false,
             target: None,
+            counters: None,
             failed: Vec::new(),
             backend: None,
             backend_addr: None,
             phase: Phase::Connecting,
             owed: 0,
+            number,
+            last_active: self.now,
             http: table.http,
-            client_text: if self.shared.log.is_enabled() {
-                client_ip.map_or_else(|| "unix".to_string(), |ip| ip.to_string())
-            } else {
-                String::new()
-            },
+            client_text,
             server_text: String::new(),
-        });
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.conns[id as usize] = Some(conn);
-                id
-            }
-            None => {
-                self.conns.push(Some(conn));
-                (self.conns.len() - 1) as u32
-            }
-        };
+        }));
+        if abuse && table.abuse.is_none() {
+            self.shared.global.refused_acl.fetch_add(1, Ordering::Relaxed);
+        }
         self.connect_next(id);
+    }
+
+    /// The next target for a connection: the `-B` server once for a client
+    /// the ACL denies, else what selection offers.
+    fn next_choice(conn: &mut Conn, table: &RoutingTable, now: Instant) -> Option<Choice> {
+        if conn.closing {
+            return None;
+        }
+        if conn.abuse {
+            // Pen never fails over from the abuse server: offer it once.
+            let offer = !conn.abuse_tried && table.abuse.is_some();
+            conn.abuse_tried = true;
+            return offer.then_some(Choice {
+                target: Target::Abuse,
+                limit: None,
+            });
+        }
+        let view = ServersView {
+            table,
+            now,
+            failed: &conn.failed,
+            client: conn.client_ip,
+        };
+        conn.attempts
+            .next(&table.mode, &view, conn.tracked, view.emergency())
     }
 
     /// Starts a connect to the next server the selection offers, or gives up.
     fn connect_next(&mut self, id: u32) {
         let table = self.shared.table.load_full();
         let shared = self.shared.clone();
+        let now = self.now;
         let Some(conn) = self.conns[id as usize].as_deref_mut() else {
             return;
         };
         let connect = loop {
-            let view = ServersView {
-                table: &table,
-                counters: &shared.counters,
-                now: Instant::now(),
-                failed: &conn.failed,
-            };
-            let Some(choice) = conn
-                .attempts
-                .next(&table.mode, &view, conn.tracked, view.emergency())
-            else {
+            let Some(choice) = Self::next_choice(conn, &table, now) else {
                 break None;
             };
-            let (entry, counters) = match (choice.target, &table.emergency) {
-                (Target::Server(i), _) => (&table.servers[i], &shared.counters.servers[i]),
-                (Target::Emergency, Some(e)) => (e, &shared.counters.emergency),
-                (Target::Emergency, None) => continue,
+            let Some(entry) = table.entry(choice.target) else {
+                continue;
             };
-            if !counters.try_reserve(choice.limit) {
+            if !entry.counters.try_reserve(choice.limit) {
                 continue; // another worker took the last slot
             }
-            let socket = match new_backend_socket(&entry.sockaddr) {
+            let socket = match new_backend_socket(&entry.sockaddr, &table) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!("worker {}: cannot create a backend socket: {e}", self.id);
-                    counters.release();
+                    tracing::warn!(
+                        "worker {}: cannot create a socket for {}: {e}",
+                        self.id,
+                        entry.spec.addr
+                    );
+                    entry.counters.release();
                     break None;
                 }
             };
@@ -463,11 +583,16 @@ impl Worker {
             // that failed over sticks to the server it failed over to.
             if let Target::Server(i) = choice.target {
                 shared.clients.track(conn.slot, conn.client_key, i);
+                shared.rr_current.store(i, Ordering::Relaxed);
             }
             if shared.log.is_enabled() {
                 conn.server_text = entry.spec.addr.host_string();
             }
+            shared
+                .registry
+                .set_backend(conn.number, Some(choice.target), socket.as_raw_fd());
             conn.target = Some(choice.target);
+            conn.counters = Some(entry.counters.clone());
             let addr = conn.backend_addr.insert(entry.sockaddr.clone());
             let sqe = opcode::Connect::new(types::Fd(socket.as_raw_fd()), addr.as_ptr().cast(), addr.len())
                 .build()
@@ -478,9 +603,13 @@ impl Worker {
             break Some(sqe);
         };
         let Some(connect) = connect else {
+            if !conn.abuse && !conn.closing {
+                shared.global.refused_limit.fetch_add(1, Ordering::Relaxed);
+            }
             conn.phase = Phase::Failed;
             return self.release(id);
         };
+        shared.global.connecting.fetch_add(1, Ordering::AcqRel);
         *self.timeout = types::Timespec::from(table.connect_timeout);
         let timeout = opcode::LinkTimeout::new(&*self.timeout)
             .build()
@@ -496,38 +625,46 @@ impl Worker {
 
     fn on_connect(&mut self, id: u32, res: i32) {
         let shared = self.shared.clone();
+        shared.global.connecting.fetch_sub(1, Ordering::AcqRel);
+        // Clients parked behind `pending_max` may go on.
+        shared.wake_paused();
         let Some(conn) = self.conns[id as usize].as_deref_mut() else {
             return;
         };
         conn.owed -= 1;
         let target = conn.target.expect("a connect in flight has a target");
-        if res == 0 {
-            counters_for(&shared, target)
-                .total
-                .fetch_add(1, Ordering::Relaxed);
-            let mut proxy = Proxy::new();
+        let counters = conn.counters.clone().expect("a connect in flight holds counters");
+        if res == 0 && !conn.closing {
+            counters.total.fetch_add(1, Ordering::Relaxed);
+            let fast_close = shared.table.load().tcp_fastclose;
+            let mut proxy = Proxy::new(
+                matches!(fast_close, FastClose::Down | FastClose::Both),
+                matches!(fast_close, FastClose::Up | FastClose::Both),
+            );
             proxy.start(&mut self.ops);
             conn.phase = Phase::Proxying(proxy);
+            conn.last_active = self.now;
             self.apply(id);
             return;
         }
-        // The linked timeout cancels the connect when it fires.
-        let errno = if res == -libc::ECANCELED {
-            libc::ETIMEDOUT
-        } else {
-            -res
-        };
-        let _ = shared.control.send(ControlEvent::ConnectFailed {
-            target,
-            at: Instant::now(),
-            errno,
-        });
-        counters_for(&shared, target).release();
-        if let Target::Server(i) = target {
-            conn.failed.push(i);
+        if res != 0 {
+            // The linked timeout cancels the connect when it fires.
+            let errno = if res == -libc::ECANCELED {
+                libc::ETIMEDOUT
+            } else {
+                -res
+            };
+            counters.failures.fetch_add(1, Ordering::Relaxed);
+            let _ = shared.control.send(ControlEvent::ConnectFailed { target, errno });
+            if let Target::Server(i) = target {
+                conn.failed.push(i);
+            }
         }
+        counters.release();
         conn.target = None;
+        conn.counters = None;
         conn.backend = None;
+        shared.registry.set_backend(conn.number, None, -1);
         self.connect_next(id);
     }
 
@@ -544,9 +681,8 @@ impl Worker {
             }
             return;
         };
-        if let (Some(bid), true) = (buf, res > 0) {
-            let target = conn.target.expect("proxying has a target");
-            let counters = counters_for(&shared, target);
+        if let (Some(bid), Some(counters)) = (buf.filter(|_| res > 0), &conn.counters) {
+            conn.last_active = self.now;
             match side {
                 Side::Client => {
                     if conn.http {
@@ -693,8 +829,8 @@ impl Worker {
             return;
         }
         let shared = &self.shared;
-        if let Some(target) = conn.target {
-            counters_for(shared, target).release();
+        if let Some(counters) = &conn.counters {
+            counters.release();
         }
         if let Phase::Proxying(proxy) = &conn.phase {
             shared.clients.add_bytes(
@@ -704,17 +840,11 @@ impl Worker {
                 proxy.bytes_from(Side::Client),
             );
         }
+        shared.registry.close(conn.number);
         drop(conn);
         self.free.push(id);
-        shared.counters.global.active.fetch_sub(1, Ordering::AcqRel);
+        shared.global.active.fetch_sub(1, Ordering::AcqRel);
         shared.wake_paused();
-    }
-}
-
-fn counters_for(shared: &Shared, target: Target) -> &crate::routing::ServerCounters {
-    match target {
-        Target::Server(i) => &shared.counters.servers[i],
-        Target::Emergency => &shared.counters.emergency,
     }
 }
 
@@ -727,15 +857,20 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn new_backend_socket(addr: &SockAddr) -> std::io::Result<Socket> {
+/// A socket for a backend connect, with the table's options: TCP_NODELAY,
+/// SO_KEEPALIVE, and the `source` address to connect from.
+fn new_backend_socket(addr: &SockAddr, table: &RoutingTable) -> std::io::Result<Socket> {
     let socket = Socket::new(
         Domain::from(i32::from(addr.family())),
         Type::STREAM.cloexec(),
         None,
     )?;
-    if !addr.is_unix() {
-        socket.set_tcp_nodelay(true)?;
-        socket.set_keepalive(true)?;
+    if let Some(inet) = addr.as_socket() {
+        socket.set_tcp_nodelay(table.tcp_nodelay)?;
+        socket.set_keepalive(table.keepalive)?;
+        if let Some(source) = table.source.filter(|s| s.is_ipv4() == inet.is_ipv4()) {
+            socket.bind(&SockAddr::from(std::net::SocketAddr::new(source, 0)))?;
+        }
     }
     Ok(socket)
 }
@@ -753,6 +888,7 @@ mod tests {
             Tag::Connect,
             Tag::ConnectTimeout,
             Tag::Cancel,
+            Tag::Tick,
         ]
         .into_iter()
         .chain(

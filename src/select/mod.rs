@@ -33,6 +33,10 @@ pub struct Candidate {
     pub weight: u32,
     /// `prio` value; the lowest wins.
     pub prio: u32,
+    /// The server's access list turns this client away. As in Pen's
+    /// try_server, only the attempt checks it: the first-choice policies
+    /// (and so the round-robin cursor) do not.
+    pub denied: bool,
 }
 
 /// The regular servers, by index, as selection sees them.
@@ -70,6 +74,9 @@ pub enum Target {
     Server(usize),
     /// The `-e` server of last resort.
     Emergency,
+    /// The `-B` server for clients the client ACL denies. Selection never
+    /// offers it: the driver sends such clients there directly, once.
+    Abuse,
 }
 
 /// One attempt: the target and how many connections this client may see
@@ -97,7 +104,7 @@ pub fn conn_limit(c: &Candidate, sticky: bool) -> Option<u32> {
 /// Whether Pen's `try_server` would start a connect here: the server is
 /// usable, not blacklisted, and below its limit for this client.
 pub fn admissible(c: &Candidate, sticky: bool) -> bool {
-    available(c) && conn_limit(c, sticky).is_none_or(|limit| c.conns < limit)
+    available(c) && !c.denied && conn_limit(c, sticky).is_none_or(|limit| c.conns < limit)
 }
 
 /// Pen's `server_is_unavailable` negated: what the first-choice policies
