@@ -11,7 +11,6 @@ use syslog_tracing::{Facility, Options};
 use ringpen::accesslog::{AccessLog, Sink};
 use ringpen::cli::{self, Command};
 use ringpen::config::{Config, LogTarget};
-use ringpen::control::state::ControlState;
 use ringpen::control::Control;
 use ringpen::dataplane::{self, listener, Shared};
 use ringpen::routing::{CounterBank, RoutingTable};
@@ -45,63 +44,85 @@ fn main() -> ExitCode {
 }
 
 /// Diagnostics go to stderr in the foreground and to syslog (facility
-/// user, as Pen's) once daemonized. `-d` raises the level; SIGUSR1's
-/// statistics are always shown.
-fn init_tracing(debug: u8, foreground: bool) {
-    let level = match debug {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+/// user, as Pen's) once daemonized. `-d` (or penctl's `debug N`, through the
+/// returned setter) sets the level; SIGUSR1's statistics always show.
+fn init_tracing(debug: u8, foreground: bool) -> Box<dyn Fn(u8) + Send> {
+    use tracing_subscriber::prelude::*;
+    let filter = |debug: u8| {
+        let level = match debug {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        };
+        tracing_subscriber::EnvFilter::new(format!("{level},{}=info", control::STATS_TARGET))
     };
-    let filter = tracing_subscriber::EnvFilter::new(format!("{level},{}=info", control::STATS_TARGET));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(filter(debug));
+    let format = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_target(false);
     let syslog = (!foreground)
         .then(|| syslog_tracing::Syslog::new(c"ringpen", Options::LOG_PID, Facility::User))
         .flatten();
+    let registry = tracing_subscriber::registry().with(filter_layer);
     match syslog {
-        Some(syslog) => builder
-            .with_writer(syslog)
-            .without_time()
-            .with_level(false)
+        Some(syslog) => registry
+            .with(format.with_writer(syslog).without_time().with_level(false))
             .init(),
-        None => builder.with_writer(std::io::stderr).init(),
+        None => registry.with(format.with_writer(std::io::stderr)).init(),
     }
+    Box::new(move |debug| {
+        let _ = handle.reload(filter(debug));
+    })
 }
 
 /// Options the command line takes whose machinery this build has not
 /// wired in yet: refused with one line rather than silently ignored.
 fn refuse_unwired(config: &Config) -> anyhow::Result<()> {
-    let unwired = [
-        (config.control.is_some(), "-C (control port)"),
-        (config.config_file.is_some(), "-F (configuration file)"),
-        (!config.startup_commands.is_empty(), "-O/-o (penctl command)"),
-        (config.web_stats.is_some(), "-w (HTML status file)"),
-        (config.metrics.is_some(), "--metrics"),
-        (config.health.is_some(), "--check"),
-    ];
-    match unwired.iter().find(|(given, _)| *given) {
-        Some((_, what)) => anyhow::bail!("{what} is not available in this version"),
-        None => Ok(()),
+    if config.health.is_some() {
+        anyhow::bail!("--check is not available in this version");
     }
+    Ok(())
 }
 
 fn run(mut config: Config) -> anyhow::Result<()> {
     refuse_unwired(&config)?;
     process::hold_control_signals()?;
     // Daemonizing and -j change what relative paths mean.
-    config.pid_file = config.pid_file.as_deref().map(process::absolute);
+    for path in [
+        &mut config.pid_file,
+        &mut config.config_file,
+        &mut config.web_stats,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *path = process::absolute(path);
+    }
     if let Some(LogTarget::File(path)) = &mut config.log {
         *path = process::absolute(path);
     }
+    // -F and -o may change anything, the listen address included.
+    let state = control::initial_state(&config)?;
 
-    let listener = listener::bind(&config.listen, config.backlog)?;
-    let config_listen = config.listen.clone();
+    let listener = listener::bind(&state.listen, config.backlog)?;
+    let endpoints = control::Endpoints {
+        control: match &state.control {
+            // Pen's rule: as root, a control port only with an explicit -u.
+            Some(_) if nix::unistd::geteuid().is_root() && config.user.is_none() => {
+                eprintln!("ringpen: not opening the control port: running as root without -u (add -u root to allow it)");
+                None
+            }
+            Some(addr) => Some(control::port::ControlSocket::bind(addr)?),
+            None => None,
+        },
+        metrics: config
+            .metrics
+            .map(|addr| std::net::TcpListener::bind(addr).with_context(|| format!("--metrics {addr}")))
+            .transpose()?,
+    };
     dataplane::probe()?;
-    let log_sink = config
+    let log_sink = state
         .log
         .as_ref()
         .map(|target| Sink::open(target).with_context(|| format!("-l: cannot open the log {target:?}")))
@@ -112,7 +133,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     if !config.foreground {
         process::daemonize()?;
     }
-    init_tracing(config.debug, config.foreground);
+    let set_debug = init_tracing(state.debug, config.foreground);
     let _pid_file = config
         .pid_file
         .as_deref()
@@ -125,7 +146,6 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         process::become_user(user)?;
     }
 
-    let state = ControlState::from_config(&config);
     let mut counters = CounterBank::default();
     let table = RoutingTable::build(&state, &mut counters, 0);
     let (control_tx, control_rx) = control::channel();
@@ -140,12 +160,13 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     )?);
 
     let workers = dataplane::spawn_workers(config.workers, shared.clone())?;
-    let control = Control::new(state, counters, shared.clone());
+    let listen_addr = state.listen.clone();
+    let control = Control::new(state, counters, shared.clone(), set_debug, config.backlog);
     let control_shared = shared.clone();
     std::thread::Builder::new()
         .name("ringpen-control".into())
         .spawn(move || {
-            if let Err(e) = control::run(control, control_rx) {
+            if let Err(e) = control::run(control, control_rx, endpoints) {
                 tracing::error!("control thread: {e:#}");
                 control_shared.stop();
             }
@@ -164,7 +185,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             failure.get_or_insert(e);
         }
     }
-    listener::close(&shared.listener.load(), &config_listen);
+    listener::close(&shared.listener.load(), &listen_addr);
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

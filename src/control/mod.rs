@@ -2,21 +2,31 @@
 //! workers report (connect failures), handles signals, and publishes every
 //! change as one new routing table with one atomic swap.
 
+pub mod command;
+pub mod configfile;
+pub mod live;
+pub mod metrics;
+pub mod port;
+pub mod snapshot;
 pub mod state;
+pub mod webstats;
+pub mod writecfg;
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::accesslog::Sink;
-use crate::config::LogTarget;
 use crate::dataplane::Shared;
 use crate::routing::{epoch_now, CounterBank, RoutingTable};
 use crate::select::Target;
+use command::Effect;
+use port::{ControlRequest, ControlSocket};
 use state::ControlState;
 
 /// What workers tell the control thread.
@@ -40,17 +50,162 @@ pub struct Control {
     pub counters: CounterBank,
     shared: Arc<Shared>,
     generation: u64,
+    /// The last health check's latency per server.
+    latencies: Vec<Option<Duration>>,
+    /// Changes the diagnostics level (`debug N`).
+    set_debug: Box<dyn Fn(u8) + Send>,
+    /// `-q`, for a listener that `listen` opens.
+    backlog: u32,
+    /// Set by `exit`.
+    exiting: bool,
+}
+
+/// The sockets the control thread serves, bound before privileges dropped.
+#[derive(Default)]
+pub struct Endpoints {
+    pub control: Option<ControlSocket>,
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 impl Control {
-    pub fn new(state: ControlState, counters: CounterBank, shared: Arc<Shared>) -> Self {
+    pub fn new(
+        state: ControlState,
+        counters: CounterBank,
+        shared: Arc<Shared>,
+        set_debug: Box<dyn Fn(u8) + Send>,
+        backlog: u32,
+    ) -> Self {
         let generation = shared.table.load().generation;
         Control {
             state,
             counters,
             shared,
             generation,
+            latencies: Vec::new(),
+            set_debug,
+            backlog,
+            exiting: false,
         }
+    }
+
+    fn live(&self) -> live::Running<'_> {
+        live::Running {
+            shared: &self.shared,
+            counters: &self.counters,
+        }
+    }
+
+    /// One control-port command line: Pen's `do_ctrl` and `do_cmd`.
+    fn run_command(&mut self, line: &str, peer: Option<IpAddr>) -> Option<String> {
+        let acl = &self.state.acls[usize::from(self.state.control_acl)];
+        if !crate::select::acl::permits(acl, peer) {
+            // Pen closes without a word.
+            tracing::info!("control port: {peer:?} denied by control_acl");
+            return None;
+        }
+        let command = match command::parse(line) {
+            Ok(command) => command,
+            Err(e) => return Some(e.reply()),
+        };
+        let live = live::Running {
+            shared: &self.shared,
+            counters: &self.counters,
+        };
+        let outcome = command::execute(&mut self.state, command, &live);
+        if outcome.changed {
+            self.changed();
+        }
+        self.apply_effects(outcome.effects);
+        Some(outcome.reply)
+    }
+
+    /// After any change of the state: the client table follows its
+    /// settings, and the workers get a new table.
+    fn changed(&mut self) {
+        {
+            let mut clients = self.shared.clients.lock();
+            clients.grow(self.state.clients_max);
+            clients.set_tracking_secs(self.state.tracking_secs);
+        }
+        self.publish();
+    }
+
+    fn apply_effects(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::ReopenLog => self.open_log(),
+                Effect::Relisten => self.relisten(),
+                Effect::CloseConnection(n) => {
+                    if let Some(info) = self.shared.registry.get(n) {
+                        self.shared
+                            .request(info.worker, crate::dataplane::WorkerRequest::Close(info.local));
+                    }
+                }
+                Effect::WriteFile { path, contents } => {
+                    if let Err(e) = std::fs::write(&path, contents) {
+                        tracing::warn!("cannot write {}: {e}", path.display());
+                    }
+                }
+                Effect::DebugLevel(level) => (self.set_debug)(level),
+                Effect::Exit => self.exiting = true,
+            }
+        }
+    }
+
+    /// `listen`: a new listening socket, handed to the workers.
+    fn relisten(&mut self) {
+        match crate::dataplane::listener::bind(&self.state.listen, self.backlog) {
+            Ok(fd) => {
+                let old = self.shared.listener.swap(Arc::new(fd));
+                self.shared.request_all(crate::dataplane::WorkerRequest::Relisten);
+                // Free the old port now; the workers drop their handles soon.
+                crate::dataplane::listener::close(
+                    &old,
+                    &crate::config::Endpoint::Inet(([0, 0, 0, 0], 0).into()),
+                );
+            }
+            Err(e) => tracing::error!("listen: {e:#}"),
+        }
+    }
+
+    /// SIGHUP: reopen the log and re-read the `-F` file. A file with a bad
+    /// line changes nothing.
+    fn reload(&mut self) {
+        self.open_log();
+        let Some(path) = self.state.config_file.clone() else {
+            return;
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!(
+                    "SIGHUP: cannot read {}: {e}; configuration unchanged",
+                    path.display()
+                );
+                return;
+            }
+        };
+        match configfile::apply(&self.state, &text, &self.live()) {
+            Ok((state, effects)) => {
+                let changed = state != self.state;
+                self.state = state;
+                if changed {
+                    self.changed();
+                }
+                self.apply_effects(effects);
+                tracing::info!("SIGHUP: {} applied", path.display());
+            }
+            Err(e) => tracing::error!("SIGHUP: {}: {e}; configuration unchanged", path.display()),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        metrics::render(&snapshot::metrics(
+            &self.state,
+            &self.counters,
+            &self.latencies,
+            &self.shared,
+        ))
     }
 
     /// Makes the workers see the current state: one new table, one swap.
@@ -82,18 +237,33 @@ impl Control {
         }
     }
 
-    fn reopen_log(&self) {
-        // Pen reopens the file log on SIGHUP (for log rotation); the network
-        // log needs nothing.
-        if let Some(target @ LogTarget::File(path)) = &self.state.log {
-            match Sink::open(target) {
+    /// Opens the `-l` / `log` target afresh (SIGHUP rotation, `log FILE`,
+    /// `no log`).
+    fn open_log(&self) {
+        match &self.state.log {
+            None => self.shared.log.replace(None),
+            Some(target) => match Sink::open(target) {
                 Ok(sink) => self.shared.log.replace(Some(sink)),
-                Err(e) => tracing::error!("cannot reopen log file {}: {e}", path.display()),
-            }
+                Err(e) => tracing::error!("cannot open log {target:?}: {e}"),
+            },
         }
     }
 
-    /// SIGUSR1: per-server statistics, as Pen dumps them to its debug log.
+    /// SIGUSR1: Pen writes the `-w` status page, or without one dumps
+    /// per-server statistics to its diagnostics.
+    fn on_usr1(&self) {
+        match &self.state.web_stats {
+            Some(path) => {
+                let html = webstats::render(&snapshot::stats(&self.state, &self.counters, &self.shared));
+                if let Err(e) = std::fs::write(path, html) {
+                    tracing::warn!("cannot write {}: {e}", path.display());
+                }
+            }
+            None => self.print_stats(),
+        }
+    }
+
+    /// Per-server statistics in the diagnostics.
     fn print_stats(&self) {
         let table = self.shared.table.load();
         let now = Instant::now();
@@ -132,25 +302,70 @@ impl Control {
     }
 }
 
+/// The state the balancer starts with: the command line, then the `-F`
+/// file, then the `-O`/`-o` commands. Any bad line stops the start.
+pub fn initial_state(config: &crate::config::Config) -> anyhow::Result<ControlState> {
+    let mut state = ControlState::from_config(config);
+    if let Some(path) = &config.config_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("-F: cannot read {}", path.display()))?;
+        state = configfile::apply(&state, &text, &live::Startup)
+            .map_err(|e| anyhow::anyhow!("-F {}: {e}", path.display()))?
+            .0;
+    }
+    for (i, line) in config.startup_commands.iter().enumerate() {
+        state = configfile::apply(&state, line, &live::Startup)
+            .map_err(|e| anyhow::anyhow!("-o command {} ('{line}'): {}", i + 1, e.message))?
+            .0;
+    }
+    Ok(state)
+}
+
 /// The tracing target of SIGUSR1's statistics, shown at every `-d` level.
 pub const STATS_TARGET: &str = "ringpen::stats";
 
-/// Runs the control thread until SIGTERM or SIGINT; then stops the workers.
-pub fn run(control: Control, events: ControlReceiver) -> anyhow::Result<()> {
-    tokio_uring::start(serve(control, events))
+/// Runs the control thread until SIGTERM, SIGINT or `exit`; then stops
+/// the workers.
+pub fn run(control: Control, events: ControlReceiver, endpoints: Endpoints) -> anyhow::Result<()> {
+    tokio_uring::start(serve(control, events, endpoints))
 }
 
-async fn serve(mut control: Control, mut events: ControlReceiver) -> anyhow::Result<()> {
+async fn serve(
+    mut control: Control,
+    mut events: ControlReceiver,
+    endpoints: Endpoints,
+) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("cannot watch SIGUSR1")?;
     crate::process::release_control_signals()?;
-    loop {
+    let (request_tx, mut requests) = tokio::sync::mpsc::channel(64);
+    if let Some(socket) = endpoints.control {
+        tokio_uring::spawn(log_failure(
+            "control port",
+            port::serve(socket, request_tx.clone()),
+        ));
+    }
+    if let Some(listener) = endpoints.metrics {
+        tokio_uring::spawn(log_failure(
+            "metrics endpoint",
+            port::serve_metrics(listener, request_tx.clone()),
+        ));
+    }
+    while !control.exiting {
         tokio::select! {
             Some(event) = events.recv() => control.on_event(event),
-            _ = hangup.recv() => control.reopen_log(),
-            _ = usr1.recv() => control.print_stats(),
+            Some(request) = requests.recv() => match request {
+                ControlRequest::Command { line, peer, reply } => {
+                    let _ = reply.send(control.run_command(&line, peer));
+                }
+                ControlRequest::Metrics { reply } => {
+                    let _ = reply.send(control.metrics_text());
+                }
+            },
+            _ = hangup.recv() => control.reload(),
+            _ = usr1.recv() => control.on_usr1(),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -158,4 +373,10 @@ async fn serve(mut control: Control, mut events: ControlReceiver) -> anyhow::Res
     tracing::info!("stopping");
     control.shared.stop();
     Ok(())
+}
+
+async fn log_failure(what: &str, task: impl std::future::Future<Output = anyhow::Result<()>>) {
+    if let Err(e) = task.await {
+        tracing::error!("{what}: {e:#}");
+    }
 }

@@ -39,10 +39,14 @@ pub struct ConnInfo {
     /// The worker's own id for it.
     pub local: u32,
     pub client: Option<SocketAddr>,
+    /// The client's slot in the client table.
+    pub client_slot: usize,
     pub client_fd: RawFd,
     /// -1 until a backend socket exists.
     pub backend_fd: RawFd,
     pub target: Option<Target>,
+    /// The backend connect has completed.
+    pub connected: bool,
 }
 
 /// Pen's connection table: numbers every open connection (lowest free
@@ -77,6 +81,13 @@ impl Registry {
         if let Some(Some(info)) = self.lock().get_mut(number) {
             info.target = target;
             info.backend_fd = backend_fd;
+            info.connected = false;
+        }
+    }
+
+    pub fn set_connected(&self, number: usize) {
+        if let Some(Some(info)) = self.lock().get_mut(number) {
+            info.connected = true;
         }
     }
 
@@ -214,6 +225,15 @@ impl Shared {
 
     fn waker_fd(&self, id: usize) -> RawFd {
         self.wakers[id].as_raw_fd()
+    }
+}
+
+/// An IPv4 client reaching an IPv6 listener is the same client as when it
+/// reaches an IPv4 one: track, hash and match ACLs on its IPv4 address.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
     }
 }
 

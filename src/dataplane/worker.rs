@@ -450,7 +450,7 @@ impl Worker {
     fn setup(&mut self, fd: OwnedFd) {
         let client = Socket::from(fd);
         let peer = client.peer_addr().ok().and_then(|a| a.as_socket());
-        let client_ip = peer.map(|a| canonical(a.ip()));
+        let client_ip = peer.map(|a| super::canonical_ip(a.ip()));
         let client_port = peer.map_or(0, |a| a.port());
         let client_key = client_ip.map_or(ClientKey::Unix, ClientKey::Ip);
         let table = self.shared.table.load();
@@ -486,9 +486,11 @@ impl Worker {
             worker: self.id,
             local: id,
             client: peer,
+            client_slot: slot,
             client_fd: client.as_raw_fd(),
             backend_fd: -1,
             target: None,
+            connected: false,
         });
         let client_text = match (self.shared.log.is_enabled(), client_ip) {
             (false, _) => String::new(),
@@ -636,6 +638,7 @@ impl Worker {
         let counters = conn.counters.clone().expect("a connect in flight holds counters");
         if res == 0 && !conn.closing {
             counters.total.fetch_add(1, Ordering::Relaxed);
+            shared.registry.set_connected(conn.number);
             let fast_close = shared.table.load().tcp_fastclose;
             let mut proxy = Proxy::new(
                 matches!(fast_close, FastClose::Down | FastClose::Both),
@@ -845,15 +848,6 @@ impl Worker {
         self.free.push(id);
         shared.global.active.fetch_sub(1, Ordering::AcqRel);
         shared.wake_paused();
-    }
-}
-
-/// An IPv4 client reaching an IPv6 listener is the same client as when it
-/// reaches an IPv4 one: track it by its IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

@@ -161,6 +161,11 @@ impl ClientTable {
         self.ages.grow(capacity, UNUSED);
     }
 
+    /// `tracking N` at run time: the expiry applies from the next visit.
+    pub fn set_tracking_secs(&mut self, tracking_secs: u64) {
+        self.tracking_secs = tracking_secs;
+    }
+
     /// The number of slots.
     pub fn capacity(&self) -> usize {
         self.slots.len()

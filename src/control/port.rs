@@ -1,0 +1,177 @@
+//! The penctl control port, Pen's wire protocol: a client connects, writes
+//! one command line, gets the reply text and the connection closes.
+//!
+//! Unlike Pen, which reads the command with a blocking recv on its only
+//! thread (so a silent client freezes all traffic), every control client
+//! here is its own task with a read deadline, on the control thread, away
+//! from the data plane.
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Endpoint;
+
+/// Pen reads at most this much of a command (one recv of 4095 bytes).
+const COMMAND_MAX: usize = 4095;
+/// How long a client may take to send its command line.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the control port and the metrics endpoint ask of the control loop,
+/// which alone owns the state.
+pub enum ControlRequest {
+    /// A command line from a control client.
+    Command {
+        line: String,
+        /// The client's address (None for a Unix socket client).
+        peer: Option<IpAddr>,
+        /// Where the reply goes; `None` closes without a reply (ACL denial).
+        reply: oneshot::Sender<Option<String>>,
+    },
+    /// The Prometheus text for `GET /metrics`.
+    Metrics { reply: oneshot::Sender<String> },
+}
+
+/// A bound control socket, made before privileges are dropped.
+pub enum ControlSocket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl ControlSocket {
+    pub fn bind(addr: &Endpoint) -> anyhow::Result<Self> {
+        let fd: OwnedFd = crate::dataplane::listener::bind(addr, 16).with_context(|| format!("-C {addr}"))?;
+        Ok(match addr {
+            Endpoint::Inet(_) => ControlSocket::Tcp(fd.into()),
+            Endpoint::Unix(_) => ControlSocket::Unix(fd.into()),
+        })
+    }
+}
+
+/// Accepts control clients forever, one task each.
+pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>) -> anyhow::Result<()> {
+    match socket {
+        ControlSocket::Tcp(std) => {
+            std.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(std)?;
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let ip = crate::dataplane::canonical_ip(peer.ip());
+                        tokio_uring::spawn(client(stream, Some(ip), requests.clone()));
+                    }
+                    Err(e) => pause_after_accept_error(e).await,
+                }
+            }
+        }
+        ControlSocket::Unix(std) => {
+            std.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(std)?;
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio_uring::spawn(client(stream, None, requests.clone()));
+                    }
+                    Err(e) => pause_after_accept_error(e).await,
+                }
+            }
+        }
+    }
+}
+
+/// Out of descriptors, say: wait a little instead of spinning.
+async fn pause_after_accept_error(e: std::io::Error) {
+    tracing::warn!("control port: accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// One control client: read one line (bounded in size and time), have the
+/// control loop run it, write the reply, close.
+async fn client<S>(mut stream: S, peer: Option<IpAddr>, requests: mpsc::Sender<ControlRequest>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ok(Some(line)) = tokio::time::timeout(READ_DEADLINE, read_command(&mut stream)).await else {
+        return; // silent, too slow or gone: drop it, nothing else waits
+    };
+    let (reply, answer) = oneshot::channel();
+    if requests
+        .send(ControlRequest::Command { line, peer, reply })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Ok(Some(text)) = answer.await {
+        let _ = stream.write_all(text.as_bytes()).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Reads until a newline, EOF or `COMMAND_MAX` bytes: penctl sends the
+/// whole line in one write, but a line split over several segments still
+/// arrives whole here (Pen would truncate it).
+async fn read_command<S: AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    while buf.len() < COMMAND_MAX && !buf.contains(&b'\n') {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf.truncate(COMMAND_MAX);
+    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// How much of an HTTP request head the metrics endpoint reads.
+const HTTP_HEAD_MAX: usize = 8192;
+
+/// `--metrics`: answers `GET /metrics` with the Prometheus text, one
+/// request per connection (`Connection: close`).
+pub async fn serve_metrics(
+    listener: std::net::TcpListener,
+    requests: mpsc::Sender<ControlRequest>,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio_uring::spawn(scrape(stream, requests.clone()));
+            }
+            Err(e) => pause_after_accept_error(e).await,
+        }
+    }
+}
+
+async fn scrape(mut stream: tokio::net::TcpStream, requests: mpsc::Sender<ControlRequest>) {
+    let head = tokio::time::timeout(READ_DEADLINE, async {
+        let mut head = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        while head.len() < HTTP_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        head
+    })
+    .await;
+    let Ok(head) = head else { return };
+    let (reply, answer) = oneshot::channel();
+    let body = if head.starts_with(b"GET ") && requests.send(ControlRequest::Metrics { reply }).await.is_ok()
+    {
+        answer.await.unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let response = super::metrics::respond(&head, || body);
+    let _ = stream.write_all(&response).await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,336 @@
+//! The control plane through Debian's real `penctl`: replies byte for byte
+//! as Pen's, config files and SIGHUP, `write`, ACLs, the root rule, a
+//! silent control client, metrics. (`.ci/run` installs pen and penctl.)
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A control address for a test: a reserved port on 127.0.0.1.
+struct ControlPort {
+    port: Port,
+}
+
+impl ControlPort {
+    fn new() -> Self {
+        ControlPort {
+            port: Port::reserve(),
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port.port)
+    }
+}
+
+/// Runs `penctl ADDR words...` and returns what it printed.
+fn penctl(addr: &str, command: &str) -> String {
+    let output = Command::new("penctl")
+        .arg(addr)
+        .args(command.split(' '))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run penctl ({e}); .ci/run installs Debian's pen package"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Debian's pen started by hand, for side-by-side comparison.
+struct RealPen {
+    child: Child,
+    _port: Port,
+}
+
+impl RealPen {
+    /// `pen -f OPTIONS... 127.0.0.1:PORT SERVERS...`
+    fn start(options: &[String], servers: &[String]) -> Self {
+        let port = Port::reserve();
+        let mut full = vec!["-f".to_string()];
+        full.extend_from_slice(options);
+        full.push(format!("127.0.0.1:{}", port.port));
+        full.extend_from_slice(servers);
+        let child = Command::new("pen")
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run pen; .ci/run installs Debian's pen package");
+        wait_until("pen to listen", || is_listening(port.port));
+        RealPen { child, _port: port }
+    }
+}
+
+impl Drop for RealPen {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+#[test]
+fn penctl_replies_match_pens_byte_for_byte() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let servers = [a.spec(), b.spec()];
+    let pen_ctl = ControlPort::new();
+    let ours_ctl = ControlPort::new();
+    let _pen = RealPen::start(
+        &["-u".into(), "root".into(), "-C".into(), pen_ctl.addr()],
+        &servers,
+    );
+    let _ours = Balancer::start(&["-u", "root", "-C", &ours_ctl.addr()], &servers);
+    // Not compared: pid, listen and control (Pen echoes its argument text,
+    // ringpen the resolved address), time-dependent output.
+    let script = [
+        "servers",
+        "mode",
+        "blacklist",
+        "blacklist 12",
+        "blacklist",
+        "timeout",
+        "timeout 7",
+        "tracking",
+        "clients_max",
+        "conn_max",
+        "debug",
+        "server 1 weight 3",
+        "server 0 max 10 hard 20",
+        "servers",
+        "hash",
+        "mode",
+        "no hash",
+        "roundrobin",
+        "stubborn",
+        "mode",
+        "bogus command",
+        "exit",
+        "status",
+        "connection 0",
+        "close 600",
+        "client_acl",
+        "control_acl",
+        "idle_timeout",
+        "log",
+        "tcp_fastclose",
+        "recent",
+    ];
+    for command in script {
+        let theirs = penctl(&pen_ctl.addr(), command);
+        let ours = penctl(&ours_ctl.addr(), command);
+        assert_eq!(ours, theirs, "reply to {command:?}");
+    }
+}
+
+#[test]
+fn a_bad_command_gets_an_error_and_changes_nothing() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let before = penctl(&ctl.addr(), "servers");
+    for bad in [
+        "server 0 max abc",
+        "acl 12 permit 1.2.3.4",
+        "timeout -1",
+        "server 0 address nosuch.invalid",
+    ] {
+        let reply = penctl(&ctl.addr(), bad);
+        assert_eq!(reply.lines().count(), 1, "{bad:?} -> {reply:?}");
+        assert!(!reply.is_empty());
+    }
+    assert_eq!(penctl(&ctl.addr(), "servers"), before);
+    assert_eq!(lb.ask(2), "A", "still balancing");
+}
+
+#[test]
+fn a_silent_control_client_does_not_slow_traffic() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    // Pen reads its control socket in blocking mode: this would freeze it.
+    let silent = TcpStream::connect(ctl.addr()).expect("connect to the control port");
+    let mut trickle = TcpStream::connect(ctl.addr()).expect("connect to the control port");
+    trickle.write_all(b"ser").unwrap();
+    let started = Instant::now();
+    for octet in 2..22 {
+        assert_eq!(lb.ask(octet), "A");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "traffic waited for the control clients"
+    );
+    // And the control port still answers others.
+    assert!(penctl(&ctl.addr(), "servers").starts_with("0 addr"));
+    drop((silent, trickle));
+}
+
+#[test]
+fn as_root_without_u_no_control_port_is_opened() {
+    if !nix_is_root() {
+        return;
+    }
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-C", &ctl.addr()], &[a.spec()]);
+    lb.wait_for_stderr("not opening the control port");
+    assert!(!is_listening(ctl.port.port));
+    assert_eq!(lb.ask(2), "A");
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn sighup_rereads_the_config_file_and_a_bad_file_changes_nothing() {
+    let a = Backend::named("A");
+    let dir = TempDir::new();
+    let file = dir.join("pen.cfg");
+    std::fs::write(&file, "# weights\nserver 0 weight 5\n").unwrap();
+    let ctl = ControlPort::new();
+    let file_arg = file.display().to_string();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr(), "-F", &file_arg], &[a.spec()]);
+    let weight = || penctl(&ctl.addr(), "servers");
+    assert!(weight().contains("weight 5"), "{}", weight());
+
+    std::fs::write(&file, "server 0 weight 9\nno_such_command\n").unwrap();
+    lb.signal("HUP");
+    lb.wait_for_stderr("line 2");
+    assert!(
+        weight().contains("weight 5"),
+        "a bad file must change nothing: {}",
+        weight()
+    );
+
+    std::fs::write(&file, "server 0 weight 9\n").unwrap();
+    lb.signal("HUP");
+    wait_until("the reloaded weight", || weight().contains("weight 9"));
+}
+
+#[test]
+fn a_bad_config_file_stops_the_start_with_its_line_number() {
+    let dir = TempDir::new();
+    let file = dir.join("bad.cfg");
+    std::fs::write(&file, "blacklist 10\nserver 0 max lots\n").unwrap();
+    let outcome = run_to_exit(&[
+        "-f".into(),
+        "-F".into(),
+        file.display().to_string(),
+        "127.0.0.1:1".into(),
+        "127.0.0.1:2".into(),
+    ]);
+    assert!(!outcome.status.success());
+    assert_eq!(outcome.stderr.lines().count(), 1, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("line 2"), "{}", outcome.stderr);
+}
+
+#[test]
+fn write_produces_a_file_that_restarts_into_the_same_state() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let ctl = ControlPort::new();
+    let servers = [a.spec(), b.spec()];
+    let first = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &servers);
+    for command in [
+        "server 0 weight 4",
+        "server 1 max 3 hard 6",
+        "hash",
+        "blacklist 17",
+        "acl 3 deny 10.0.0.0 255.0.0.0",
+    ] {
+        penctl(&ctl.addr(), command);
+    }
+    let saved = first.dir.join("saved.cfg");
+    penctl(&ctl.addr(), &format!("write {}", saved.display()));
+    wait_until("the written file", || saved.exists());
+    let queries = ["servers", "mode", "blacklist"];
+    let expected: Vec<String> = queries.iter().map(|q| penctl(&ctl.addr(), q)).collect();
+
+    let ctl2 = ControlPort::new();
+    let saved_arg = saved.display().to_string();
+    let _second = Balancer::start(&["-u", "root", "-C", &ctl2.addr(), "-F", &saved_arg], &servers);
+    let got: Vec<String> = queries.iter().map(|q| penctl(&ctl2.addr(), q)).collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn startup_commands_apply_in_order() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let _lb = Balancer::start(
+        &[
+            "-u",
+            "root",
+            "-C",
+            &ctl.addr(),
+            "-o",
+            "server 0 weight 2",
+            "-O",
+            "server 0 weight 8",
+        ],
+        &[a.spec()],
+    );
+    assert!(penctl(&ctl.addr(), "servers").contains("weight 8"));
+}
+
+#[test]
+fn the_client_acl_turns_clients_away_or_to_the_abuse_server() {
+    let a = Backend::named("A");
+    let abuse = Backend::named("ABUSE");
+    let ctl = ControlPort::new();
+    let abuse_spec = abuse.spec();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr(), "-B", &abuse_spec], &[a.spec()]);
+    penctl(&ctl.addr(), "acl 1 permit 127.0.0.2");
+    penctl(&ctl.addr(), "client_acl 1");
+    assert_eq!(lb.ask(2), "A");
+    // No match: the opposite of the last entry (permit) is deny.
+    assert_eq!(lb.ask(3), "ABUSE");
+
+    let ctl2 = ControlPort::new();
+    let closed = Balancer::start(&["-u", "root", "-C", &ctl2.addr()], &[a.spec()]);
+    penctl(&ctl2.addr(), "acl 1 deny 127.0.0.4");
+    penctl(&ctl2.addr(), "client_acl 1");
+    assert_eq!(closed.ask(4), CLOSED);
+    assert_eq!(closed.ask(5), "A");
+}
+
+#[test]
+fn the_control_acl_closes_without_a_reply() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let _lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    penctl(&ctl.addr(), "acl 2 deny 127.0.0.1");
+    penctl(&ctl.addr(), "control_acl 2");
+    assert_eq!(penctl(&ctl.addr(), "servers"), "");
+}
+
+#[test]
+fn metrics_are_served_over_http() {
+    let a = Backend::named("A");
+    let metrics = Port::reserve();
+    let metrics_arg = format!("127.0.0.1:{}", metrics.port);
+    let metrics_port = metrics.port;
+    drop(metrics);
+    let lb = Balancer::start(&["--metrics", &metrics_arg], &[a.spec()]);
+    let (_, _held) = lb.hold(2);
+    let scrape = || {
+        let mut stream = TcpStream::connect(("127.0.0.1", metrics_port)).expect("connect to --metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    wait_until("one active connection in the metrics", || {
+        scrape().contains("ringpen_backend_active_connections{server=\"0\"")
+            && scrape().contains("ringpen_active_connections 1")
+    });
+    let text = scrape();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("ringpen_backend_up{server=\"0\""), "{text}");
+}
