@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod process;
 pub mod routing;
 pub mod select;

@@ -76,17 +76,7 @@ fn init_tracing(debug: u8, foreground: bool) -> Box<dyn Fn(u8) + Send> {
     })
 }
 
-/// Options the command line takes whose machinery this build has not
-/// wired in yet: refused with one line rather than silently ignored.
-fn refuse_unwired(config: &Config) -> anyhow::Result<()> {
-    if config.health.is_some() {
-        anyhow::bail!("--check is not available in this version");
-    }
-    Ok(())
-}
-
 fn run(mut config: Config) -> anyhow::Result<()> {
-    refuse_unwired(&config)?;
     process::hold_control_signals()?;
     // Daemonizing and -j change what relative paths mean.
     for path in [
@@ -161,7 +151,14 @@ fn run(mut config: Config) -> anyhow::Result<()> {
 
     let workers = dataplane::spawn_workers(config.workers, shared.clone())?;
     let listen_addr = state.listen.clone();
-    let control = Control::new(state, counters, shared.clone(), set_debug, config.backlog);
+    let control = Control::new(
+        state,
+        counters,
+        shared.clone(),
+        set_debug,
+        config.backlog,
+        config.health.clone(),
+    );
     let control_shared = shared.clone();
     std::thread::Builder::new()
         .name("ringpen-control".into())

@@ -334,3 +334,95 @@ fn metrics_are_served_over_http() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.contains("ringpen_backend_up{server=\"0\""), "{text}");
 }
+
+#[test]
+fn exit_stops_the_balancer_only_with_x() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let mut lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    assert_eq!(
+        penctl(&ctl.addr(), "exit"),
+        "Exit is not enabled; restart with -X flag\n"
+    );
+    assert!(lb.alive());
+
+    let ctl2 = ControlPort::new();
+    let mut lb2 = Balancer::start(&["-u", "root", "-X", "-C", &ctl2.addr()], &[a.spec()]);
+    penctl(&ctl2.addr(), "exit");
+    wait_until("the balancer to exit", || !lb2.alive());
+    assert!(lb2.terminate().success());
+    assert!(lb.terminate().success());
+}
+
+#[test]
+fn close_and_idle_timeout_end_connections() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_, mut held) = lb.hold(2);
+    assert!(penctl(&ctl.addr(), "connection 0").contains("state = 2"));
+    assert_eq!(penctl(&ctl.addr(), "close 0"), "Forcibly closing connection 0\n");
+    assert_eq!(read_to_end(&mut held), b"", "closed by `close 0`");
+
+    penctl(&ctl.addr(), "idle_timeout 1");
+    let (_, mut idle) = lb.hold(3);
+    let started = Instant::now();
+    assert_eq!(read_to_end(&mut idle), b"", "closed for idleness");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let b_addr = b.addr;
+    let ctl = ControlPort::new();
+    let opts = [
+        "-u",
+        "root",
+        "-r",
+        "-C",
+        &ctl.addr(),
+        "--check",
+        "tcp",
+        "--check-interval",
+        "0.2",
+        "--rise",
+        "2",
+        "--fall",
+        "2",
+    ];
+    let lb = Balancer::start(&opts, &[a.spec(), b.spec()]);
+    let health = || penctl(&ctl.addr(), "health");
+    wait_until("both servers up", || health().matches("health up").count() == 2);
+
+    drop(b);
+    let gone = Instant::now();
+    wait_until("server 1 down", || {
+        health()
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with("health down"))
+    });
+    // interval x fall, plus a check timeout's worth of slack.
+    assert!(
+        gone.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        gone.elapsed()
+    );
+    for octet in 2..8 {
+        assert_eq!(lb.ask(octet), "A", "a down server gets no new clients");
+    }
+
+    let _b_again = Backend::named_at("B", b_addr);
+    wait_until("server 1 back up", || health().matches("health up").count() == 2);
+    let answers: Vec<String> = (10..14).map(|octet| lb.ask(octet)).collect();
+    assert!(
+        answers.iter().any(|a| a == "B"),
+        "round robin reaches B again: {answers:?}"
+    );
+}

@@ -58,6 +58,16 @@ pub struct Control {
     backlog: u32,
     /// Set by `exit`.
     exiting: bool,
+    /// `--check` and friends, if active checks run.
+    health: Option<crate::config::HealthOptions>,
+}
+
+/// One active health check result, from the checker to the control loop.
+struct HealthReport {
+    server: usize,
+    health: state::Health,
+    latency: Duration,
+    reason: Option<String>,
 }
 
 /// The sockets the control thread serves, bound before privileges dropped.
@@ -74,6 +84,7 @@ impl Control {
         shared: Arc<Shared>,
         set_debug: Box<dyn Fn(u8) + Send>,
         backlog: u32,
+        health: Option<crate::config::HealthOptions>,
     ) -> Self {
         let generation = shared.table.load().generation;
         Control {
@@ -85,6 +96,57 @@ impl Control {
             set_debug,
             backlog,
             exiting: false,
+            health,
+        }
+    }
+
+    /// The servers active checks watch: every server with an IP address
+    /// (a Unix-socket backend cannot take a TCP check and stays unchecked).
+    fn check_targets(&self) -> Vec<(usize, std::net::SocketAddr)> {
+        self.state
+            .servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.spec.addr {
+                crate::config::Endpoint::Inet(addr) if s.spec.addr.is_connectable() => Some((i, addr)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A check result: record the latency; a change of health is published
+    /// (and, with `--on-down close`, a server going down loses its clients).
+    fn on_health(&mut self, report: HealthReport) {
+        if self.latencies.len() <= report.server {
+            self.latencies.resize(report.server + 1, None);
+        }
+        self.latencies[report.server] = Some(report.latency);
+        let Some(conf) = self.state.servers.get_mut(report.server) else {
+            return;
+        };
+        if conf.health == report.health {
+            return;
+        }
+        tracing::warn!(
+            "server {} ({}) is now {:?}{}",
+            report.server,
+            conf.spec.addr,
+            report.health,
+            report.reason.map(|r| format!(": {r}")).unwrap_or_default()
+        );
+        conf.health = report.health;
+        self.publish();
+        let close = self
+            .health
+            .as_ref()
+            .is_some_and(|h| h.on_down == crate::config::OnDown::Close);
+        if close && report.health == state::Health::Down {
+            for (_, info) in self.shared.registry.snapshot() {
+                if info.target == Some(Target::Server(report.server)) {
+                    self.shared
+                        .request(info.worker, crate::dataplane::WorkerRequest::Close(info.local));
+                }
+            }
         }
     }
 
@@ -128,6 +190,8 @@ impl Control {
             clients.set_tracking_secs(self.state.tracking_secs);
         }
         self.publish();
+        // An idle timeout needs each worker's timer armed.
+        self.shared.wake_all();
     }
 
     fn apply_effects(&mut self, effects: Vec<Effect>) {
@@ -353,18 +417,26 @@ async fn serve(
             port::serve_metrics(listener, request_tx.clone()),
         ));
     }
+    let (health_tx, mut health_reports) = tokio::sync::mpsc::unbounded_channel();
+    let mut checks = HealthTask::default();
+    checks.restart(&control, &health_tx);
     while !control.exiting {
         tokio::select! {
+            Some(report) = health_reports.recv() => control.on_health(report),
             Some(event) = events.recv() => control.on_event(event),
             Some(request) = requests.recv() => match request {
                 ControlRequest::Command { line, peer, reply } => {
                     let _ = reply.send(control.run_command(&line, peer));
+                    checks.restart(&control, &health_tx);
                 }
                 ControlRequest::Metrics { reply } => {
                     let _ = reply.send(control.metrics_text());
                 }
             },
-            _ = hangup.recv() => control.reload(),
+            _ = hangup.recv() => {
+                control.reload();
+                checks.restart(&control, &health_tx);
+            }
             _ = usr1.recv() => control.on_usr1(),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -378,5 +450,42 @@ async fn serve(
 async fn log_failure(what: &str, task: impl std::future::Future<Output = anyhow::Result<()>>) {
     if let Err(e) = task.await {
         tracing::error!("{what}: {e:#}");
+    }
+}
+
+/// The running health checks; restarted when the checked servers change.
+#[derive(Default)]
+struct HealthTask {
+    targets: Vec<(usize, std::net::SocketAddr)>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl HealthTask {
+    fn restart(&mut self, control: &Control, reports: &tokio::sync::mpsc::UnboundedSender<HealthReport>) {
+        let Some(options) = &control.health else {
+            return;
+        };
+        let targets = control.check_targets();
+        if self.task.is_some() && targets == self.targets {
+            return;
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.targets = targets.clone();
+        let reports = reports.clone();
+        let checker = crate::health::HealthChecker::new(targets, options.clone());
+        self.task = Some(tokio_uring::spawn(async move {
+            checker
+                .run(move |server, health, latency, reason| {
+                    let _ = reports.send(HealthReport {
+                        server,
+                        health,
+                        latency,
+                        reason,
+                    });
+                })
+                .await
+        }));
     }
 }

@@ -205,12 +205,17 @@ impl Shared {
         std::mem::take(&mut *self.requests[id].lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Tells every worker to stop.
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+    /// Wakes every worker, so it looks at a new table's timers.
+    pub fn wake_all(&self) {
         for id in 0..self.wakers.len() {
             self.wake(id);
         }
+    }
+
+    /// Tells every worker to stop.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake_all();
     }
 
     /// A connection closed: wake the workers that paused at the limit.
