@@ -426,3 +426,31 @@ fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
         "round robin reaches B again: {answers:?}"
     );
 }
+
+#[test]
+fn the_status_page_is_written_on_sigusr1_and_returned_by_status() {
+    let a = Backend::named("A");
+    let dir = TempDir::new();
+    let page = dir.join("status.html");
+    let socket = dir.join("ctl.sock");
+    let (page_arg, socket_arg) = (page.display().to_string(), socket.display().to_string());
+    // A Unix-socket control port this time: `penctl /path`.
+    let lb = Balancer::start(&["-u", "root", "-C", &socket_arg, "-w", &page_arg], &[a.spec()]);
+    let (_, _held) = lb.hold(2);
+    lb.signal("USR1");
+    wait_until("the -w page", || read_lossy(&page).contains("</html>"));
+    let written = read_lossy(&page);
+    assert!(
+        written.starts_with("<html>\n<head>\n<title>Pen status page</title>"),
+        "{written}"
+    );
+    assert!(
+        written.contains("<td>127.0.0.2</td>"),
+        "the client is listed: {written}"
+    );
+    let replied = penctl(&socket_arg, "status");
+    assert!(
+        replied.starts_with("<html>") && replied.contains("Active connections"),
+        "{replied}"
+    );
+}

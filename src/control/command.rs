@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::configfile;
-use super::state::{ControlState, FastClose, Health, ServerConf, ACL_COUNT};
+use super::state::{ControlState, FastClose, ServerConf, ACL_COUNT};
 use super::writecfg::write_config;
 use crate::config::{Endpoint, LogTarget, ServerSpec};
 use crate::select::acl::AclEntry;
@@ -772,7 +772,7 @@ pub(crate) fn run(
             String::new()
         }
         Command::Exit => "Exit is not enabled; restart with -X flag\n".to_owned(),
-        Command::Health => list_servers(state, |_, s| format!("health {}", health_name(s.health))),
+        Command::Health => list_servers(state, |_, s| format!("health {}", s.health.name())),
         Command::Servers => list_servers(state, |i, s| {
             let live = live.server_stats(i);
             format!(
@@ -945,15 +945,6 @@ fn list_servers(state: &ControlState, rest: impl Fn(usize, &ServerConf) -> Strin
     out
 }
 
-fn health_name(health: Health) -> &'static str {
-    match health {
-        Health::Unchecked => "unchecked",
-        Health::Up => "up",
-        Health::Drain => "drain",
-        Health::Down => "down",
-    }
-}
-
 /// A server's port as Pen's `pen_getport` shows it: 1 for a Unix socket
 /// (checked with Pen: `server 1 address /tmp/x.sock` lists `port 1`).
 pub(crate) fn pen_port(addr: &Endpoint) -> u16 {
@@ -1037,6 +1028,7 @@ fn set_server(
 pub(crate) mod tests {
     use super::*;
     use crate::config::{Config, Mode};
+    use crate::control::state::Health;
     use std::collections::HashMap;
     use std::net::Ipv6Addr;
 

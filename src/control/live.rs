@@ -26,6 +26,8 @@ fn resolve_host(host: &str) -> Option<IpAddr> {
 pub struct Running<'a> {
     pub shared: &'a Shared,
     pub counters: &'a CounterBank,
+    /// The last health check's latency per server.
+    pub latencies: &'a [Option<std::time::Duration>],
 }
 
 impl Live for Running<'_> {
@@ -77,7 +79,12 @@ impl Live for Running<'_> {
     }
 
     fn web_stats(&self, state: &ControlState) -> String {
-        webstats::render(&snapshot::stats(state, self.counters, self.shared))
+        webstats::render(&snapshot::stats(
+            state,
+            self.counters,
+            self.latencies,
+            self.shared,
+        ))
     }
 
     fn resolve(&self, host: &str) -> Option<IpAddr> {

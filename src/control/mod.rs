@@ -154,6 +154,7 @@ impl Control {
         live::Running {
             shared: &self.shared,
             counters: &self.counters,
+            latencies: &self.latencies,
         }
     }
 
@@ -172,6 +173,7 @@ impl Control {
         let live = live::Running {
             shared: &self.shared,
             counters: &self.counters,
+            latencies: &self.latencies,
         };
         let outcome = command::execute(&mut self.state, command, &live);
         if outcome.changed {
@@ -318,7 +320,12 @@ impl Control {
     fn on_usr1(&self) {
         match &self.state.web_stats {
             Some(path) => {
-                let html = webstats::render(&snapshot::stats(&self.state, &self.counters, &self.shared));
+                let html = webstats::render(&snapshot::stats(
+                    &self.state,
+                    &self.counters,
+                    &self.latencies,
+                    &self.shared,
+                ));
                 if let Err(e) = std::fs::write(path, html) {
                     tracing::warn!("cannot write {}: {e}", path.display());
                 }

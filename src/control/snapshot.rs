@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::metrics::{BackendMetrics, MetricsSnapshot};
+use super::state::Health;
 use super::state::{ControlState, ServerConf};
-use super::webstats::{local_time, ClientRow, ConnectionRow, ServerRow, StatsSnapshot};
+use super::webstats::{local_time, ClientRow, ConnectionRow, HealthRow, ServerRow, StatsSnapshot};
 use crate::dataplane::Shared;
 use crate::routing::{epoch_now, CounterBank, ServerCounters};
 use crate::select::client_table::ClientKey;
@@ -36,7 +37,12 @@ fn load(c: &ServerCounters) -> (u32, u64, u64) {
 }
 
 /// The `web_stats` page's data.
-pub fn stats(state: &ControlState, counters: &CounterBank, shared: &Shared) -> StatsSnapshot {
+pub fn stats(
+    state: &ControlState,
+    counters: &CounterBank,
+    latencies: &[Option<Duration>],
+    shared: &Shared,
+) -> StatsSnapshot {
     let servers = state
         .servers
         .iter()
@@ -77,7 +83,28 @@ pub fn stats(state: &ControlState, counters: &CounterBank, shared: &Shared) -> S
         })
         .collect();
     let open = shared.registry.snapshot();
+    let checked = state.servers.iter().any(|s| s.health != Health::Unchecked) || !latencies.is_empty();
+    let health = if checked {
+        state
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(index, conf)| HealthRow {
+                index,
+                address: conf.spec.addr.to_string(),
+                health: conf.health.name().to_string(),
+                latency_ms: latencies
+                    .get(index)
+                    .copied()
+                    .flatten()
+                    .map(|d| d.as_millis() as u64),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     StatsSnapshot {
+        health,
         now_local: local_time(epoch_now()),
         current: shared.rr_current.load(Ordering::Relaxed) as i64,
         servers,

@@ -30,6 +30,16 @@ impl Health {
     pub fn accepts_new(self) -> bool {
         matches!(self, Health::Unchecked | Health::Up)
     }
+
+    /// The word `health`, the status page and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Unchecked => "unchecked",
+            Health::Up => "up",
+            Health::Drain => "drain",
+            Health::Down => "down",
+        }
+    }
 }
 
 /// `tcp_fastclose`: close both sides as soon as one side sends EOF.

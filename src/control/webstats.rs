@@ -78,6 +78,20 @@ pub struct StatsSnapshot {
     pub last_connection: usize,
     /// Only the connection slots in use, in slot order.
     pub connections: Vec<ConnectionRow>,
+    /// ringpen's own: active health-check results per server. Empty
+    /// without `--check`, and then the page is exactly Pen's.
+    pub health: Vec<HealthRow>,
+}
+
+/// One server's active health check, for the section Pen's page lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HealthRow {
+    pub index: usize,
+    pub address: String,
+    /// `unchecked`, `up`, `drain` or `down`.
+    pub health: String,
+    /// The last check's latency in milliseconds, if a check has ended.
+    pub latency_ms: Option<u64>,
 }
 
 const HEADER_CELL_OPEN: &str = "<td bgcolor=\"#80f080\">";
@@ -154,6 +168,15 @@ pub fn render(s: &StatsSnapshot) -> String {
         );
     }
     out.push_str("</table>\n");
+    if !s.health.is_empty() {
+        out.push_str("<h2>Health checks</h2>");
+        header_row(&mut out, &["server", "address", "health", "last check (ms)"]);
+        for r in &s.health {
+            let latency = r.latency_ms.map_or_else(|| "-".to_string(), |ms| ms.to_string());
+            data_row(&mut out, &[&r.index, &r.address, &r.health, &latency]);
+        }
+        out.push_str("</table>\n");
+    }
 
     let _ = write!(
         out,
@@ -349,8 +372,25 @@ Time 2026-11-25 20:36:05, 2 servers, 1 current<p>
 </html>
 "##;
 
+    #[test]
+    fn the_health_section_appears_only_with_checks() {
+        let mut snapshot = real_snapshot();
+        assert!(!render(&snapshot).contains("Health checks"));
+        snapshot.health = vec![HealthRow {
+            index: 0,
+            address: "127.0.0.1:3306".into(),
+            health: "drain".into(),
+            latency_ms: Some(3),
+        }];
+        let page = render(&snapshot);
+        let at = page.find("<h2>Health checks</h2>").expect("a health section");
+        assert!(at > page.find("</table>").unwrap() && at < page.find("Active clients").unwrap());
+        assert!(page.contains("<td>127.0.0.1:3306</td>\n<td>drain</td>\n<td>3</td>"));
+    }
+
     fn real_snapshot() -> StatsSnapshot {
         StatsSnapshot {
+            health: Vec::new(),
             now_local: "2026-11-25 20:36:05".into(),
             current: 1,
             servers: vec![
