@@ -500,7 +500,9 @@ fn addresses(m: &ArgMatches) -> Result<(Endpoint, Vec<ServerSpec>, Option<Server
     let servers = args
         .map(|arg| parse_server(arg?, "backend", listen_port))
         .collect::<Result<Vec<_>, _>>()?;
-    if servers.is_empty() {
+    // With -F the servers may all come from the file (Pen's `write` output
+    // names none on its command line); the start checks there are some.
+    if servers.is_empty() && value(m, "F").is_none() {
         return Err(CliError("no backend servers given".into()));
     }
     let emergency = match value(m, "e") {
@@ -797,22 +799,33 @@ Options:
   -u user       run as alternative user
   -W            use weight for server selection
   -x N          max number of simultaneous connections [{conns}]
+  -B host:port  abuse server for clients the client ACL denies
+  -C [host:]port|/path  control port for penctl (as root only with -u)
+  -F file       configuration file of penctl commands (re-read on SIGHUP)
+  -O cmd, -o cmd  penctl command to run at startup (repeatable)
+  -w file       HTML status file (written on SIGUSR1 and by `status`)
+  -X            enable the penctl `exit` command
   --workers N   data-plane threads [number of CPUs]
+  --metrics [host:]port  Prometheus text at GET /metrics [host 127.0.0.1]
   --help        print this text
   --version     print the version
+
+Active health checks (ringpen's own; without --check, Pen's passive blacklisting):
+  --check tcp|mysql|galera  what to check
+  --check-interval sec      between checks [1]
+  --check-timeout sec       per check [1]
+  --rise N, --fall N        successes to come back, failures to go out [2]
+  --check-user user         MariaDB user (needed by galera)
+  --check-password-file f   its password (or env RINGPEN_CHECK_PASSWORD)
+  --donor drain|down|up     what a Galera Donor/Desynced node gets [drain]
+  --on-down keep|close      existing connections of a node going down [keep]
 
 Accepted and ignored:
   -P            poll(): the event backend is always io_uring
   -D -Q -n -S N obsolete in Pen itself
 
 Not available in this version (refused with an error):
-  -B host:port  abuse server
-  -C port|/path control port
-  -F file       configuration file
-  -O cmd, -o cmd  penctl command at startup
-  -w file       HTML status file
   -U            UDP
-  -X            exit command
   -a            ASCII dumps
   -i name       Windows service
   -N            hash without saving the server (never implemented by Pen)
@@ -999,7 +1012,8 @@ mod tests {
         match parse_args(&["--help"]).unwrap().command {
             Command::Help(text) => {
                 assert!(text.starts_with("usage: ringpen"));
-                assert!(text.contains("-C port|/path"));
+                assert!(text.contains("-C [host:]port|/path"));
+                assert!(text.contains("--check tcp|mysql|galera"));
             }
             other => panic!("{other:?}"),
         }

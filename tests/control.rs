@@ -454,3 +454,52 @@ fn the_status_page_is_written_on_sigusr1_and_returned_by_status() {
         "{replied}"
     );
 }
+
+#[test]
+fn listen_moves_the_listener_and_a_taken_address_changes_nothing() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let before = penctl(&ctl.addr(), "listen");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let reply = penctl(&ctl.addr(), &format!("listen 127.0.0.1:{taken_port}"));
+    assert!(reply.starts_with("listen: "), "{reply}");
+    assert_eq!(penctl(&ctl.addr(), "listen"), before);
+    assert_eq!(lb.ask(2), "A", "still on the old port");
+
+    let new = Port::reserve();
+    let new_port = new.port;
+    drop(new);
+    penctl(&ctl.addr(), &format!("listen 127.0.0.1:{new_port}"));
+    wait_until("the old port to close", || !is_listening(lb.port()));
+    let mut stream = connect(std::net::SocketAddr::from(([127, 0, 0, 1], new_port)));
+    assert_eq!(read_line(&mut stream).unwrap(), "A");
+}
+
+#[test]
+fn the_servers_may_all_come_from_the_config_file() {
+    let a = Backend::named("A");
+    let dir = TempDir::new();
+    let file = dir.join("servers.cfg");
+    let port = a.addr.port();
+    std::fs::write(&file, format!("server 0 address 127.0.0.1 port {port}\n")).unwrap();
+    let file_arg = file.display().to_string();
+    let lb = Balancer::start(&["-F", &file_arg], &[] as &[String]);
+    assert_eq!(lb.ask(2), "A");
+
+    let empty = dir.join("empty.cfg");
+    std::fs::write(&empty, "# nothing\n").unwrap();
+    let outcome = run_to_exit(&[
+        "-f".into(),
+        "-F".into(),
+        empty.display().to_string(),
+        "127.0.0.1:1".into(),
+    ]);
+    assert!(!outcome.status.success());
+    assert!(
+        outcome.stderr.contains("no backend servers"),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -175,7 +175,16 @@ impl Control {
             counters: &self.counters,
             latencies: &self.latencies,
         };
-        let outcome = command::execute(&mut self.state, command, &live);
+        let before = self.state.clone();
+        let mut outcome = command::execute(&mut self.state, command, &live);
+        if let Some(at) = outcome.effects.iter().position(|e| *e == Effect::Relisten) {
+            // Bind first: an address that cannot be had changes nothing.
+            outcome.effects.remove(at);
+            if let Err(e) = self.relisten() {
+                self.state = before;
+                return Some(format!("listen: {e:#}\n"));
+            }
+        }
         if outcome.changed {
             self.changed();
         }
@@ -200,7 +209,11 @@ impl Control {
         for effect in effects {
             match effect {
                 Effect::ReopenLog => self.open_log(),
-                Effect::Relisten => self.relisten(),
+                Effect::Relisten => {
+                    if let Err(e) = self.relisten() {
+                        tracing::error!("listen: {e:#}");
+                    }
+                }
                 Effect::CloseConnection(n) => {
                     if let Some(info) = self.shared.registry.get(n) {
                         self.shared
@@ -219,19 +232,13 @@ impl Control {
     }
 
     /// `listen`: a new listening socket, handed to the workers.
-    fn relisten(&mut self) {
-        match crate::dataplane::listener::bind(&self.state.listen, self.backlog) {
-            Ok(fd) => {
-                let old = self.shared.listener.swap(Arc::new(fd));
-                self.shared.request_all(crate::dataplane::WorkerRequest::Relisten);
-                // Free the old port now; the workers drop their handles soon.
-                crate::dataplane::listener::close(
-                    &old,
-                    &crate::config::Endpoint::Inet(([0, 0, 0, 0], 0).into()),
-                );
-            }
-            Err(e) => tracing::error!("listen: {e:#}"),
-        }
+    fn relisten(&mut self) -> anyhow::Result<()> {
+        let fd = crate::dataplane::listener::bind(&self.state.listen, self.backlog)?;
+        let old = self.shared.listener.swap(Arc::new(fd));
+        self.shared.request_all(crate::dataplane::WorkerRequest::Relisten);
+        // Free the old port now; the workers drop their handles soon.
+        crate::dataplane::listener::shutdown(&old);
+        Ok(())
     }
 
     /// SIGHUP: reopen the log and re-read the `-F` file. A file with a bad
@@ -389,6 +396,10 @@ pub fn initial_state(config: &crate::config::Config) -> anyhow::Result<ControlSt
             .map_err(|e| anyhow::anyhow!("-o command {} ('{line}'): {}", i + 1, e.message))?
             .0;
     }
+    anyhow::ensure!(
+        !state.servers.is_empty(),
+        "no backend servers given, on the command line or in the -F file"
+    );
     Ok(state)
 }
 

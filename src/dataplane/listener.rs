@@ -47,9 +47,14 @@ pub fn bind(addr: &Endpoint, backlog: u32) -> anyhow::Result<OwnedFd> {
 /// Stops listening now. The rings' multishot accepts hold references to the
 /// socket that the kernel drops only some time after the process exits; a
 /// shutdown frees the port at once, so a restart can bind it again.
-pub fn close(listener: &OwnedFd, addr: &Endpoint) {
+pub fn shutdown(listener: &OwnedFd) {
     // SAFETY: shutdown on a descriptor we own; no pointers.
     unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// At exit: stop listening and remove a Unix socket's file.
+pub fn close(listener: &OwnedFd, addr: &Endpoint) {
+    shutdown(listener);
     if let Endpoint::Unix(path) = addr {
         let _ = std::fs::remove_file(path);
     }
