@@ -61,7 +61,6 @@ pub struct CliError(String);
 /// a control port or TLS must not get a balancer without one.
 #[rustfmt::skip]
 const REFUSED: &[(&str, bool, &str)] = &[
-    ("U", false, "UDP"),
     ("a", false, "ASCII dumps"),
     ("i", true, "Windows service"),
     // Listed in Pen's usage() but missing from its switch: Pen rejects it too.
@@ -132,7 +131,7 @@ const BUILT_VALUED: &[&str] = &[
     "B", "b", "C", "c", "e", "F", "j", "l", "m", "p", "q", "t", "T", "u", "w", "x",
 ];
 /// Pen's flags that we build (`-d` counts, so it is defined on its own).
-const BUILT_FLAGS: &[&str] = &["f", "h", "H", "r", "s", "W", "X"];
+const BUILT_FLAGS: &[&str] = &["f", "h", "H", "r", "s", "U", "W", "X"];
 /// ringpen's own long options with a value (health checks, metrics).
 const LONG_VALUED: &[&str] = &[
     "workers",
@@ -146,6 +145,7 @@ const LONG_VALUED: &[&str] = &[
     "check-password-file",
     "donor",
     "on-down",
+    "udp-idle",
 ];
 /// The long options that only mean something with `--check`.
 const CHECK_TUNING: &[&str] = &[
@@ -309,6 +309,18 @@ fn build_config(
         None => None,
     };
     let health = health_options(m, env)?;
+    let udp = given(m, "U");
+    if udp && health.is_some() {
+        // The checks speak TCP (a connect, a MySQL login): they would judge a
+        // UDP backend by a port it does not serve.
+        return Err(CliError(
+            "--check cannot be used with -U: the checks are TCP, the backends UDP".into(),
+        ));
+    }
+    if !udp && given(m, "udp-idle") {
+        return Err(CliError("--udp-idle needs -U".into()));
+    }
+    let udp_idle_secs = positive(m, "udp-idle")?.unwrap_or(60);
     let metrics = match value(m, "metrics") {
         Some(v) => Some(parse_metrics(utf8(v, "--metrics")?)?),
         None => None,
@@ -371,6 +383,8 @@ fn build_config(
         abuse,
         metrics,
         health,
+        udp,
+        udp_idle_secs,
     })
 }
 
@@ -805,6 +819,8 @@ Options:
   -O cmd, -o cmd  penctl command to run at startup (repeatable)
   -w file       HTML status file (written on SIGUSR1 and by `status`)
   -X            enable the penctl `exit` command
+  -U            balance UDP: one flow per client address:port
+  --udp-idle sec  a UDP flow ends after this long without traffic [60]
   --workers N   data-plane threads [number of CPUs]
   --metrics [host:]port  Prometheus text at GET /metrics [host 127.0.0.1]
   --help        print this text
@@ -825,7 +841,6 @@ Accepted and ignored:
   -D -Q -n -S N obsolete in Pen itself
 
 Not available in this version (refused with an error):
-  -U            UDP
   -a            ASCII dumps
   -i name       Windows service
   -N            hash without saving the server (never implemented by Pen)
@@ -915,6 +930,8 @@ mod tests {
             abuse: None,
             metrics: None,
             health: None,
+            udp: false,
+            udp_idle_secs: 60,
         };
         assert_eq!(config, expected);
         assert!(notices(&["8080", "127.0.0.1"]).is_empty());
@@ -1074,12 +1091,16 @@ mod tests {
             assert!(text.contains("not available in this version"), "{text}");
         }
         assert_eq!(
-            error(&["-U", "80", "127.0.0.1"]),
-            "-U (UDP) is not available in this version"
+            error(&["-U", "--check", "tcp", "80", "127.0.0.1"]),
+            "--check cannot be used with -U: the checks are TCP, the backends UDP"
+        );
+        assert_eq!(
+            error(&["--udp-idle", "5", "80", "127.0.0.1"]),
+            "--udp-idle needs -U"
         );
         assert!(error(&["-E", "cert.pem", "80", "127.0.0.1"]).starts_with("-E (TLS)"));
         // The first refused option on the command line is the one reported.
-        assert!(error(&["-f", "-a", "-U", "80", "127.0.0.1"]).starts_with("-a"));
+        assert!(error(&["-f", "-a", "-E", "x", "80", "127.0.0.1"]).starts_with("-a"));
     }
 
     #[test]

@@ -236,4 +236,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// `--check` and friends.
     pub health: Option<HealthOptions>,
+    /// `-U`: balance UDP instead of TCP.
+    pub udp: bool,
+    /// `--udp-idle`: a UDP flow ends after this many idle seconds.
+    pub udp_idle_secs: u64,
 }

@@ -10,7 +10,7 @@ use syslog_tracing::{Facility, Options};
 
 use ringpen::accesslog::{AccessLog, Sink};
 use ringpen::cli::{self, Command};
-use ringpen::config::{Config, LogTarget};
+use ringpen::config::{Config, Endpoint, LogTarget};
 use ringpen::control::Control;
 use ringpen::dataplane::{self, listener, Shared};
 use ringpen::routing::{CounterBank, RoutingTable};
@@ -95,7 +95,19 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     // -F and -o may change anything, the listen address included.
     let state = control::initial_state(&config)?;
 
-    let listener = listener::bind(&state.listen, config.backlog)?;
+    // -U: one SO_REUSEPORT socket per worker; the first also stands in as
+    // "the listener" the control thread closes at exit.
+    let udp_sockets = match (&state.listen, config.udp) {
+        (_, false) => Vec::new(),
+        (Endpoint::Inet(addr), true) => (0..config.workers)
+            .map(|_| dataplane::udp::bind(*addr))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        (Endpoint::Unix(_), true) => anyhow::bail!("-U needs an IP listen address, not a Unix socket path"),
+    };
+    let listener = match udp_sockets.first() {
+        Some(first) => first.try_clone().context("cannot duplicate the UDP socket")?,
+        None => listener::bind(&state.listen, config.backlog)?,
+    };
     let endpoints = control::Endpoints {
         control: match &state.control {
             // Pen's rule: as root, a control port only with an explicit -u.
@@ -149,7 +161,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         config.workers,
     )?);
 
-    let workers = dataplane::spawn_workers(config.workers, shared.clone())?;
+    let workers = dataplane::spawn_workers(config.workers, udp_sockets, shared.clone())?;
     let listen_addr = state.listen.clone();
     let control = Control::new(
         state,

@@ -175,6 +175,8 @@ pub struct RoutingTable {
     pub tcp_fastclose: FastClose,
     pub keepalive: bool,
     pub source: Option<IpAddr>,
+    /// `--udp-idle`: how long a UDP flow may stay silent.
+    pub udp_idle: Duration,
 }
 
 impl RoutingTable {
@@ -212,6 +214,7 @@ impl RoutingTable {
             tcp_fastclose: state.tcp_fastclose,
             keepalive: state.keepalive,
             source: state.source,
+            udp_idle: Duration::from_secs(state.udp_idle_secs),
         }
     }
 

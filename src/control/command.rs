@@ -1115,6 +1115,8 @@ pub(crate) mod tests {
             abuse: None,
             metrics: None,
             health: None,
+            udp: false,
+            udp_idle_secs: 60,
         };
         ControlState::from_config(&config)
     }

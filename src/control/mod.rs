@@ -233,6 +233,10 @@ impl Control {
 
     /// `listen`: a new listening socket, handed to the workers.
     fn relisten(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.state.udp,
+            "the UDP listener cannot be moved; restart ringpen instead"
+        );
         let fd = crate::dataplane::listener::bind(&self.state.listen, self.backlog)?;
         let old = self.shared.listener.swap(Arc::new(fd));
         self.shared.request_all(crate::dataplane::WorkerRequest::Relisten);

@@ -122,6 +122,10 @@ pub struct ControlState {
     pub exit_enabled: bool,
     /// `-F`: re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
+    /// `-U`: UDP mode (start-up only).
+    pub udp: bool,
+    /// `--udp-idle`.
+    pub udp_idle_secs: u64,
     /// Start-up facts `write` repeats in its header comment.
     pub foreground: bool,
     pub user: Option<String>,
@@ -161,6 +165,8 @@ impl ControlState {
             control: config.control.clone(),
             exit_enabled: config.exit_enabled,
             config_file: config.config_file.clone(),
+            udp: config.udp,
+            udp_idle_secs: config.udp_idle_secs,
             foreground: config.foreground,
             user: config.user.clone(),
             chroot: config.chroot.clone(),

@@ -6,6 +6,7 @@ pub mod http;
 pub mod listener;
 pub mod proxy;
 pub mod ring;
+pub mod udp;
 mod worker;
 
 use std::net::SocketAddr;
@@ -266,18 +267,25 @@ pub fn probe() -> Result<(), ring::RingError> {
         .map(drop)
 }
 
-/// Starts `count` workers on `listener`; each returns when `stop` is called.
+/// Starts the workers: one per UDP socket in `udp` (`-U`), else `count`
+/// TCP workers on the shared listener. Each returns when `stop` is called.
 pub fn spawn_workers(
     count: usize,
+    udp: Vec<OwnedFd>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<()>>>> {
     anyhow::ensure!(count <= 64, "--workers: at most 64 workers are supported");
+    let mut udp = udp.into_iter();
     (0..count)
         .map(|id| {
             let shared = shared.clone();
+            let socket = udp.next();
             std::thread::Builder::new()
                 .name(format!("ringpen-worker-{id}"))
-                .spawn(move || worker::run(id, shared))
+                .spawn(move || match socket {
+                    Some(socket) => udp::run(id, shared, socket),
+                    None => worker::run(id, shared),
+                })
                 .context("cannot start a worker thread")
         })
         .collect()
