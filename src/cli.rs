@@ -133,21 +133,8 @@ const BUILT_VALUED: &[&str] = &[
 /// Pen's flags that we build (`-d` counts, so it is defined on its own).
 const BUILT_FLAGS: &[&str] = &["f", "h", "H", "r", "s", "U", "W", "X"];
 /// ringpen's own long options with a value (health checks, metrics).
-const LONG_VALUED: &[&str] = &[
-    "workers",
-    "metrics",
-    "check",
-    "check-interval",
-    "check-timeout",
-    "rise",
-    "fall",
-    "check-user",
-    "check-password-file",
-    "donor",
-    "on-down",
-    "udp-idle",
-];
-/// The long options that only mean something with `--check`.
+const LONG_VALUED: &[&str] = &["workers", "metrics", "check", "udp-idle"];
+/// The long options that only mean something with `--check` (and take a value).
 const CHECK_TUNING: &[&str] = &[
     "check-interval",
     "check-timeout",
@@ -188,7 +175,7 @@ fn clap_command() -> clap::Command {
     for &id in valued {
         cmd = cmd.arg(valued_short(id));
     }
-    for &name in LONG_VALUED {
+    for &name in LONG_VALUED.iter().chain(CHECK_TUNING) {
         cmd = cmd.arg(valued_long(name));
     }
     for &id in flags {

@@ -90,11 +90,17 @@ pub trait Live {
     /// Live counters of server `index` (zeros for one without counters yet).
     fn server_stats(&self, index: usize) -> ServerStats;
     /// The balancer's process id.
-    fn pid(&self) -> u32;
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
     /// Seconds since the Unix epoch (Pen's `now`), for `server N blacklist T`.
-    fn now_epoch(&self) -> u64;
+    fn now_epoch(&self) -> u64 {
+        crate::routing::epoch_now()
+    }
     /// Local time as "YYYY-MM-DD HH:MM:SS", for the header `write` writes.
-    fn local_time(&self) -> String;
+    fn local_time(&self) -> String {
+        super::webstats::local_time(self.now_epoch())
+    }
     /// Clients whose last connect was at most `secs` seconds ago, in
     /// client-table order (`recent`).
     fn recent_clients(&self, secs: u64) -> Vec<ClientEntry>;
@@ -104,9 +110,14 @@ pub trait Live {
     fn web_stats(&self, state: &ControlState) -> String;
     /// Pen's `pen_aton` for a host name: the first address the resolver
     /// gives. Address literals are parsed here and never get this far.
-    fn resolve(&self, host: &str) -> Option<IpAddr>;
+    fn resolve(&self, host: &str) -> Option<IpAddr> {
+        use std::net::ToSocketAddrs;
+        (host, 0).to_socket_addrs().ok()?.next().map(|a| a.ip())
+    }
     /// Reads a file named by `include`.
-    fn read_file(&self, path: &Path) -> io::Result<String>;
+    fn read_file(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
 }
 
 /// What only the control thread can do, in the order it should happen.

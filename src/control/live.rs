@@ -2,25 +2,18 @@
 //! shared counters, the client table and the connection registry; and the
 //! reduced view used at start-up, before any of those exist.
 
-use std::io;
-use std::net::{IpAddr, ToSocketAddrs};
-use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::command::{ConnectionInfo, Live, ServerStats};
 use super::state::ControlState;
 use super::{snapshot, webstats};
 use crate::dataplane::Shared;
-use crate::routing::{epoch_now, CounterBank};
+use crate::routing::CounterBank;
 use crate::select::client_table::ClientEntry;
 
 /// Pen's connection state bits.
 const CS_IN_PROGRESS: u32 = 1;
 const CS_CONNECTED: u32 = 2;
-
-fn resolve_host(host: &str) -> Option<IpAddr> {
-    (host, 0).to_socket_addrs().ok()?.next().map(|a| a.ip())
-}
 
 /// The control thread's view while the balancer runs.
 pub struct Running<'a> {
@@ -40,18 +33,6 @@ impl Live for Running<'_> {
                 sent: c.sent.load(Ordering::Relaxed),
                 received: c.received.load(Ordering::Relaxed),
             })
-    }
-
-    fn pid(&self) -> u32 {
-        std::process::id()
-    }
-
-    fn now_epoch(&self) -> u64 {
-        epoch_now()
-    }
-
-    fn local_time(&self) -> String {
-        webstats::local_time(epoch_now())
     }
 
     fn recent_clients(&self, secs: u64) -> Vec<ClientEntry> {
@@ -86,14 +67,6 @@ impl Live for Running<'_> {
             self.shared,
         ))
     }
-
-    fn resolve(&self, host: &str) -> Option<IpAddr> {
-        resolve_host(host)
-    }
-
-    fn read_file(&self, path: &Path) -> io::Result<String> {
-        std::fs::read_to_string(path)
-    }
 }
 
 /// The view for `-F` and `-o` at start-up: nothing has run yet.
@@ -102,18 +75,6 @@ pub struct Startup;
 impl Live for Startup {
     fn server_stats(&self, _index: usize) -> ServerStats {
         ServerStats::default()
-    }
-
-    fn pid(&self) -> u32 {
-        std::process::id()
-    }
-
-    fn now_epoch(&self) -> u64 {
-        epoch_now()
-    }
-
-    fn local_time(&self) -> String {
-        webstats::local_time(epoch_now())
     }
 
     fn recent_clients(&self, _secs: u64) -> Vec<ClientEntry> {
@@ -126,13 +87,5 @@ impl Live for Startup {
 
     fn web_stats(&self, _state: &ControlState) -> String {
         String::new()
-    }
-
-    fn resolve(&self, host: &str) -> Option<IpAddr> {
-        resolve_host(host)
-    }
-
-    fn read_file(&self, path: &Path) -> io::Result<String> {
-        std::fs::read_to_string(path)
     }
 }

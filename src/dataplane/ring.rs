@@ -4,7 +4,7 @@
 
 use std::io;
 
-use io_uring::{opcode, IoUring, Probe};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
 
 /// Submission queue size; the completion queue is larger because multishot
 /// accept and receive post many completions per submission.
@@ -56,6 +56,30 @@ pub fn new_ring() -> Result<IoUring, RingError> {
     };
     check_opcodes(&ring)?;
     Ok(ring)
+}
+
+/// Queues one submission, flushing the queue to the kernel when it is full.
+///
+/// # Safety
+/// Every pointer in `sqe` must stay valid until its completion arrives (or,
+/// for data the kernel copies at submission, until the submit returns).
+pub unsafe fn push(ring: &mut IoUring, sqe: &squeue::Entry) {
+    loop {
+        // SAFETY: forwarded from the caller.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return;
+        }
+        if let Err(e) = ring.submit() {
+            tracing::error!("io_uring submit failed: {e}");
+        }
+    }
+}
+
+/// The read that wakes a worker when its eventfd is written.
+pub fn waker_read(eventfd: std::os::fd::RawFd, counter: &mut u64, user_data: u64) -> squeue::Entry {
+    opcode::Read::new(types::Fd(eventfd), (counter as *mut u64).cast(), 8)
+        .build()
+        .user_data(user_data)
 }
 
 fn check_opcodes(ring: &IoUring) -> Result<(), RingError> {

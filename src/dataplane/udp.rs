@@ -172,22 +172,13 @@ impl UdpWorker {
     /// # Safety
     /// Pointers in `sqe` must stay valid until its completion.
     unsafe fn push(&mut self, sqe: &squeue::Entry) {
-        loop {
-            // SAFETY: forwarded from the caller.
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                return;
-            }
-            if let Err(e) = self.ring.submit() {
-                tracing::error!("worker {}: submit failed: {e}", self.id);
-            }
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { ring::push(&mut self.ring, sqe) }
     }
 
     fn arm_waker(&mut self) {
         let fd = self.shared.waker_fd(self.id);
-        let sqe = opcode::Read::new(types::Fd(fd), (&mut *self.waker_buf as *mut u64).cast(), 8)
-            .build()
-            .user_data(Tag::Waker.user_data(0));
+        let sqe = ring::waker_read(fd, &mut self.waker_buf, Tag::Waker.user_data(0));
         // SAFETY: the boxed counter lives as long as the worker, which
         // outlives the ring.
         unsafe { self.push(&sqe) };

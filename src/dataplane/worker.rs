@@ -243,22 +243,13 @@ impl Worker {
     /// Every pointer in `sqe` must stay valid until its completion arrives
     /// (or, for data the kernel copies at submission, until submit returns).
     unsafe fn push(&mut self, sqe: &squeue::Entry) {
-        loop {
-            // SAFETY: forwarded from the caller.
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                return;
-            }
-            if let Err(e) = self.ring.submit() {
-                tracing::error!("worker {}: submit failed: {e}", self.id);
-            }
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { ring::push(&mut self.ring, sqe) }
     }
 
     fn arm_waker(&mut self) {
         let fd = self.shared.waker_fd(self.id);
-        let sqe = opcode::Read::new(types::Fd(fd), (&mut *self.waker_buf as *mut u64).cast(), 8)
-            .build()
-            .user_data(user_data(0, Tag::Waker));
+        let sqe = ring::waker_read(fd, &mut self.waker_buf, user_data(0, Tag::Waker));
         // SAFETY: waker_buf is boxed and lives as long as the worker, which
         // outlives the ring's operations (the ring is dropped first).
         unsafe { self.push(&sqe) };
