@@ -3,9 +3,12 @@
 //! never the system service. Nothing is skipped: without `mariadbd` or the
 //! Galera provider the tests fail and say that `.ci/run` installs them.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::fmt;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +19,8 @@ use std::time::{Duration, Instant};
 use ringpen::config::{CheckKind, DonorPolicy, HealthOptions, OnDown};
 use ringpen::control::state::Health;
 use ringpen::health::{check_once, HealthChecker, Verdict};
+
+use common::{connect, nothing_received_yet, wait_until, Balancer, Port, TempDir};
 
 const CHECK_USER: &str = "health";
 const CHECK_PASSWORD: &str = "s3cret-Pw";
@@ -588,4 +593,152 @@ fn unanswered_connect_times_out_without_leaking_the_socket() {
     });
     assert_eq!(syn_sent(), before, "a timed-out check left its connect behind");
     drop(fillers);
+}
+
+/// Runs Debian's `penctl ADDR words...` and returns what it printed.
+fn penctl(addr: &str, command: &str) -> String {
+    let out = Command::new("penctl")
+        .arg(addr)
+        .args(command.split(' '))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run penctl ({e}); .ci/run installs Debian's pen package"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A message built only when a wait times out, so it can show the last
+/// thing seen.
+struct Lazy<F: Fn() -> String>(F);
+
+impl<F: Fn() -> String> fmt::Display for Lazy<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
+/// Reads the first MySQL packet; `None` if the connection is closed (EOF
+/// or reset) before a whole 4-byte header and payload arrived.
+fn read_packet(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    let mut header = [0u8; 4];
+    match stream.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return None,
+        Err(e) => panic!("reading a MySQL packet header: {e}"),
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+    let mut payload = vec![0u8; len];
+    match stream.read_exact(&mut payload) {
+        Ok(()) => Some(payload),
+        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => None,
+        Err(e) => panic!("reading a MySQL packet payload: {e}"),
+    }
+}
+
+/// The balancer end to end against a one-node Galera cluster: a galera
+/// check configured on the command line (password from a file), health
+/// read through Debian's `penctl`, and the data path following it: a
+/// Donor/Desynced node drains (new clients find no server, clients already
+/// connected keep their connection), `wsrep_reject_queries=ALL` takes it
+/// down, and both come back up.
+#[test]
+fn balancer_follows_galera_health_through_penctl() {
+    let db = Mariadb::start(true);
+    let secrets = TempDir::new();
+    let password_file = secrets.join("check-password");
+    std::fs::write(&password_file, format!("{CHECK_PASSWORD}\n")).unwrap();
+    let control = Port::reserve();
+    let control_addr = format!("127.0.0.1:{}", control.port);
+    let lb = Balancer::start(
+        &[
+            "-u",
+            "root",
+            "-C",
+            &control_addr,
+            "--check",
+            "galera",
+            "--check-user",
+            CHECK_USER,
+            "--check-password-file",
+            password_file.to_str().unwrap(),
+            "--check-interval",
+            "0.2",
+            "--rise",
+            "1",
+            "--fall",
+            "1",
+        ],
+        &[format!("127.0.0.1:{}", db.port)],
+    );
+
+    let last = RefCell::new(String::new());
+    let wait_health = |want: &str| {
+        let expected = format!("0 addr 127.0.0.1 port {} health {want}\n", db.port);
+        wait_until(
+            Lazy(|| {
+                format!(
+                    "penctl {control_addr} health to print {expected:?}; last printed {:?}; ringpen stderr:\n{}",
+                    last.borrow(),
+                    lb.stderr()
+                )
+            }),
+            || {
+                *last.borrow_mut() = penctl(&control_addr, "health");
+                *last.borrow() == expected
+            },
+        );
+    };
+    let greeted = |stream: &mut std::net::TcpStream| {
+        let greeting = read_packet(stream).unwrap_or_else(|| {
+            panic!(
+                "closed without the MariaDB greeting; ringpen stderr:\n{}",
+                lb.stderr()
+            )
+        });
+        assert_eq!(
+            greeting.first(),
+            Some(&10),
+            "not a protocol-10 greeting: {greeting:?}"
+        );
+    };
+
+    wait_health("up");
+    let mut before = connect(lb.addr);
+    greeted(&mut before);
+
+    db.sql("SET GLOBAL wsrep_desync = ON");
+    wait_health("drain");
+    let mut refused = connect(lb.addr);
+    assert_eq!(
+        read_packet(&mut refused),
+        None,
+        "a new client got a packet from the only server, which drains"
+    );
+    assert!(
+        nothing_received_yet(&before),
+        "the client connected before the drain was closed or sent something"
+    );
+    // COM_QUIT goes through to the server, which ends the connection (a
+    // read that timed out would mean it never got there). Mid-handshake
+    // the server may first answer with an ERR packet (1156 "Got packets
+    // out of order"), which shows all the more that it got the bytes.
+    before.write_all(&[1, 0, 0, 0, 1]).expect("send COM_QUIT");
+    let mut rest = Vec::new();
+    before
+        .read_to_end(&mut rest)
+        .expect("the server to close the connection after COM_QUIT");
+    assert!(
+        rest.is_empty() || rest.get(4) == Some(&0xff),
+        "unexpected reply to COM_QUIT: {rest:?}"
+    );
+    drop(before);
+
+    db.sql("SET GLOBAL wsrep_desync = OFF");
+    wait_health("up");
+    greeted(&mut connect(lb.addr));
+
+    db.sql("SET GLOBAL wsrep_reject_queries = ALL");
+    wait_health("down");
+    db.sql("SET GLOBAL wsrep_reject_queries = NONE");
+    wait_health("up");
+    greeted(&mut connect(lb.addr));
 }
