@@ -175,10 +175,17 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("ringpen-control".into())
         .spawn(move || {
-            if let Err(e) = control::run(control, control_rx, endpoints) {
-                tracing::error!("control thread: {e:#}");
-                control_shared.stop();
+            // Without the control thread nothing would hear SIGTERM: if it
+            // fails or panics, the workers stop too and the process exits.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                control::run(control, control_rx, endpoints)
+            }));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("control thread: {e:#}"),
+                Err(_) => tracing::error!("control thread panicked"),
             }
+            control_shared.stop();
         })
         .context("cannot start the control thread")?;
 
