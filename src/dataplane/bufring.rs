@@ -53,6 +53,8 @@ pub struct BufRing {
     entries: u16,
     buf_size: u32,
     group: u16,
+    /// Bytes at the end of each buffer the kernel never fills.
+    reserve: u32,
     /// Our copy of the tail; the kernel reads the one inside the ring.
     tail: u16,
     /// Buffers currently in the ring (not lent out).
@@ -61,8 +63,17 @@ pub struct BufRing {
 
 impl BufRing {
     /// Allocates `entries` (a power of two) buffers of `buf_size` bytes and
-    /// registers them with the ring as group `group`.
-    pub fn register(submitter: &Submitter<'_>, group: u16, entries: u16, buf_size: u32) -> io::Result<Self> {
+    /// registers them with the ring as group `group`. The kernel is told each
+    /// buffer is `reserve` bytes shorter, so a receive always leaves that much
+    /// room at the end (the `-H` header insert). Capping the receive length
+    /// per submission instead is refused by kernels before 6.17.
+    pub fn register(
+        submitter: &Submitter<'_>,
+        group: u16,
+        entries: u16,
+        buf_size: u32,
+        reserve: u32,
+    ) -> io::Result<Self> {
         assert!(
             entries.is_power_of_two(),
             "buffer ring size must be a power of two"
@@ -75,6 +86,7 @@ impl BufRing {
             entries,
             buf_size,
             group,
+            reserve,
             tail: 0,
             available: 0,
         };
@@ -147,7 +159,7 @@ impl BufRing {
         // its head and the published tail, and this slot is past the tail.
         let entry = unsafe { &mut *self.ring.ptr.as_ptr().cast::<BufRingEntry>().add(index) };
         entry.set_addr(self.ptr(bid) as u64);
-        entry.set_len(self.buf_size);
+        entry.set_len(self.buf_size - self.reserve);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
         self.available += 1;

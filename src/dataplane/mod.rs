@@ -31,6 +31,8 @@ pub enum WorkerRequest {
     Close(u32),
     /// `listen`: a new listener was published; accept from it.
     Relisten,
+    /// `-U` at the `-x` limit: end this worker's least recently used flow.
+    EvictOldest,
 }
 
 /// One open connection as `connection N` and the status page show it.
@@ -202,6 +204,10 @@ impl Shared {
         }
     }
 
+    pub fn worker_count(&self) -> usize {
+        self.wakers.len()
+    }
+
     fn take_requests(&self, id: usize) -> Vec<WorkerRequest> {
         std::mem::take(&mut *self.requests[id].lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -259,7 +265,7 @@ fn new_eventfd() -> std::io::Result<OwnedFd> {
 /// created here, so that a blocked io_uring is reported on the terminal.
 pub fn probe() -> Result<(), ring::RingError> {
     let ring = ring::new_ring()?;
-    bufring::BufRing::register(&ring.submitter(), 0, 2, 4096)
+    bufring::BufRing::register(&ring.submitter(), 0, 2, 4096, 0)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::EINVAL) => ring::RingError::MissingFeature("provided buffer rings (Linux 5.19)"),
             _ => ring::RingError::Other(e),
@@ -282,9 +288,18 @@ pub fn spawn_workers(
             let socket = udp.next();
             std::thread::Builder::new()
                 .name(format!("ringpen-worker-{id}"))
-                .spawn(move || match socket {
-                    Some(socket) => udp::run(id, shared, socket),
-                    None => worker::run(id, shared),
+                .spawn(move || {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match socket {
+                        Some(socket) => udp::run(id, shared.clone(), socket),
+                        None => worker::run(id, shared.clone()),
+                    }));
+                    let result = outcome.unwrap_or_else(|_| Err(anyhow::anyhow!("worker {id} panicked")));
+                    // One worker gone takes the balancer down at once rather
+                    // than leaving it at reduced capacity, unnoticed.
+                    if result.is_err() {
+                        shared.stop();
+                    }
+                    result
                 })
                 .context("cannot start a worker thread")
         })

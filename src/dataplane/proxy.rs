@@ -154,6 +154,10 @@ impl Proxy {
     /// EOF (0) or -errno; `more` is false on the multishot's last CQE.
     pub fn on_recv(&mut self, source: Side, res: i32, buf: Option<BufId>, more: bool, out: &mut Vec<Op>) {
         let dir = &mut self.dirs[source as usize];
+        if let (Some(buf), true) = (buf, res <= 0) {
+            // A failed receive may still have taken a buffer: give it back.
+            out.push(Op::Release(buf));
+        }
         if res > 0 {
             let Some(buf) = buf else {
                 // The kernel always names the buffer for a positive result.

@@ -79,7 +79,9 @@ struct Flow {
     /// Where replies go; boxed with the flow so the kernel's pointer holds.
     client: SockAddr,
     client_addr: SocketAddr,
-    backend: Socket,
+    /// Closed as soon as the flow ends, so descriptors track live flows
+    /// (an operation still in flight keeps its own reference to the socket).
+    backend: Option<Socket>,
     target: Target,
     counters: Arc<ServerCounters>,
     last_active: Instant,
@@ -123,7 +125,7 @@ struct UdpWorker {
 /// The UDP worker thread's body, on its own SO_REUSEPORT socket.
 pub fn run(id: usize, shared: Arc<Shared>, socket: OwnedFd) -> anyhow::Result<()> {
     let ring = ring::new_ring().with_context(|| format!("worker {id}"))?;
-    let bufs = BufRing::register(&ring.submitter(), 1, BUF_COUNT, BUF_SIZE)
+    let bufs = BufRing::register(&ring.submitter(), 1, BUF_COUNT, BUF_SIZE, 0)
         .with_context(|| format!("worker {id}: cannot register the buffer ring"))?;
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -222,6 +224,13 @@ impl UdpWorker {
                 if self.shared.stopping.load(Ordering::SeqCst) {
                     self.stop = true;
                 } else {
+                    for request in self.shared.take_requests(self.id) {
+                        if request == super::WorkerRequest::EvictOldest {
+                            if let Some(id) = self.oldest_flow() {
+                                self.close_flow(id);
+                            }
+                        }
+                    }
                     self.arm_waker();
                 }
             }
@@ -343,7 +352,7 @@ impl UdpWorker {
                     break Some(Flow {
                         client: SockAddr::from(client),
                         client_addr: client,
-                        backend,
+                        backend: Some(backend),
                         target: choice.target,
                         counters: entry.counters.clone(),
                         last_active: self.now,
@@ -394,8 +403,27 @@ impl UdpWorker {
         {
             return true;
         }
-        let oldest = self
-            .flows
+        if let Some(id) = self.oldest_flow() {
+            self.close_flow(id);
+        } else {
+            // The flows live on other workers (the kernel picks the worker by
+            // the client's address): ask the next one to give one up.
+            let workers = self.shared.worker_count();
+            if workers < 2 {
+                return false;
+            }
+            self.shared
+                .request((self.id + 1) % workers, super::WorkerRequest::EvictOldest);
+        }
+        // The evicted flow's slot passes to the new one at once; its own
+        // count is returned when it is freed.
+        active.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// This worker's least recently used open flow.
+    fn oldest_flow(&self) -> Option<u32> {
+        self.flows
             .iter()
             .enumerate()
             .filter_map(|(i, f)| {
@@ -403,17 +431,8 @@ impl UdpWorker {
                     .filter(|f| !f.closing)
                     .map(|f| (f.last_active, i as u32))
             })
-            .min();
-        match oldest {
-            Some((_, id)) => {
-                self.close_flow(id);
-                // The evicted flow's slot passes to the new one at once; its
-                // own count is returned when it is freed.
-                active.fetch_add(1, Ordering::AcqRel);
-                true
-            }
-            None => false,
-        }
+            .min()
+            .map(|(_, id)| id)
     }
 
     fn arm_backend_recv(&mut self, id: u32) {
@@ -422,7 +441,9 @@ impl UdpWorker {
             return;
         }
         flow.recv_armed = true;
-        let fd = flow.backend.as_raw_fd();
+        let Some(fd) = flow.backend.as_ref().map(|s| s.as_raw_fd()) else {
+            return;
+        };
         let sqe = opcode::RecvMulti::new(types::Fd(fd), self.bufs.group())
             .build()
             .user_data(Tag::BackendRecv.user_data(id));
@@ -483,12 +504,13 @@ impl UdpWorker {
             return;
         };
         let mut sqes = [None, None];
-        if !flow.sending_up {
+        let backend_fd = flow.backend.as_ref().map(|s| s.as_raw_fd());
+        if let (false, Some(backend_fd)) = (flow.sending_up, backend_fd) {
             if let Some(d) = flow.up.front() {
                 flow.sending_up = true;
                 let ptr = self.bufs.ptr(d.buf).wrapping_add(d.offset as usize);
                 sqes[0] = Some(
-                    opcode::Send::new(types::Fd(flow.backend.as_raw_fd()), ptr, d.len)
+                    opcode::Send::new(types::Fd(backend_fd), ptr, d.len)
                         .build()
                         .user_data(Tag::SendUp.user_data(id)),
                 );
@@ -551,6 +573,7 @@ impl UdpWorker {
             return;
         }
         flow.closing = true;
+        flow.backend = None;
         let keep_up = usize::from(flow.sending_up);
         let keep_down = usize::from(flow.sending_down);
         let dropped: Vec<u16> = flow
@@ -644,6 +667,9 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<OwnedFd> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Bursts from many clients land here before the ring takes them; the
+    // default (about 208 KiB) dropped datagrams under load.
+    let _ = socket.set_recv_buffer_size(4 << 20);
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }

@@ -161,6 +161,8 @@ struct Worker {
     accept_armed: bool,
     /// Stopped accepting at the `-x` or `pending_max` limit.
     paused: bool,
+    /// Stopped accepting because the process ran out of descriptors.
+    starved_of_fds: bool,
     /// (connection, side) whose receive ended for lack of buffers.
     starved: Vec<(u32, Side)>,
     waker_buf: Box<u64>,
@@ -178,7 +180,7 @@ struct Worker {
 /// The worker thread's body.
 pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
     let ring = ring::new_ring().with_context(|| format!("worker {id}"))?;
-    let bufs = BufRing::register(&ring.submitter(), 0, BUF_COUNT, BUF_SIZE)
+    let bufs = BufRing::register(&ring.submitter(), 0, BUF_COUNT, BUF_SIZE, http::HEADROOM)
         .with_context(|| format!("worker {id}: cannot register the buffer ring"))?;
     let mut worker = Worker {
         id,
@@ -191,6 +193,7 @@ pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
         parked: VecDeque::new(),
         accept_armed: false,
         paused: false,
+        starved_of_fds: false,
         starved: Vec::new(),
         waker_buf: Box::new(0),
         timeout: Box::new(types::Timespec::new()),
@@ -256,7 +259,7 @@ impl Worker {
     }
 
     fn arm_accept(&mut self) {
-        if self.accept_armed || self.stop || self.paused {
+        if self.accept_armed || self.stop || self.paused || self.starved_of_fds {
             return;
         }
         self.accept_armed = true;
@@ -307,7 +310,16 @@ impl Worker {
             Tag::Cancel | Tag::ConnectTimeout => self.settle_owed(conn),
             Tag::Connect => self.on_connect(conn, res),
             Tag::Recv(side) => self.on_recv(conn, side, res, flags),
-            Tag::Send(to) => self.drive(conn, |p, out| p.on_send(to, res, out)),
+            Tag::Send(to) => {
+                // A slow reader draining its queue is not idle.
+                if let (true, Some(c)) = (
+                    res > 0,
+                    self.conns.get_mut(conn as usize).and_then(|c| c.as_deref_mut()),
+                ) {
+                    c.last_active = self.now;
+                }
+                self.drive(conn, |p, out| p.on_send(to, res, out))
+            }
             Tag::Shutdown(side) => self.drive(conn, |p, out| p.on_shutdown(side, res, out)),
         }
     }
@@ -318,10 +330,13 @@ impl Worker {
             return;
         }
         self.paused = false;
+        self.starved_of_fds = false;
         for request in self.shared.take_requests(self.id) {
             match request {
                 WorkerRequest::Close(local) => self.abort(local),
                 WorkerRequest::Relisten => self.relisten(),
+                // UDP flows only; a TCP worker has none.
+                WorkerRequest::EvictOldest => {}
             }
         }
         // A table with an idle timeout may have arrived.
@@ -381,6 +396,18 @@ impl Worker {
             // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
             self.parked.push_back(unsafe { OwnedFd::from_raw_fd(res) });
             self.shared.global.accepted.fetch_add(1, Ordering::Relaxed);
+        } else if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+            // Re-arming now would fail again at once, in a tight loop: wait
+            // until a connection closes and gives a descriptor back.
+            if !self.starved_of_fds {
+                tracing::warn!(
+                    "worker {}: not accepting until a connection closes: {}",
+                    self.id,
+                    std::io::Error::from_raw_os_error(-res)
+                );
+            }
+            self.starved_of_fds = true;
+            self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
         } else if res != -libc::ECANCELED {
             tracing::warn!(
                 "worker {}: accept failed: {}",
@@ -729,18 +756,9 @@ impl Worker {
                 break;
             };
             let sqe = match op {
-                Op::ArmRecv(side) => {
-                    // Leave room for the X-Forwarded-For insert in -H mode.
-                    let len = if conn.http && side == Side::Client {
-                        BUF_SIZE - http::HEADROOM
-                    } else {
-                        0
-                    };
-                    opcode::RecvMulti::new(types::Fd(conn.fd(side)), self.bufs.group())
-                        .len(len)
-                        .build()
-                        .user_data(user_data(id, Tag::Recv(side)))
-                }
+                Op::ArmRecv(side) => opcode::RecvMulti::new(types::Fd(conn.fd(side)), self.bufs.group())
+                    .build()
+                    .user_data(user_data(id, Tag::Recv(side))),
                 Op::CancelRecv(side) => {
                     conn.owed += 1;
                     opcode::AsyncCancel::new(user_data(id, Tag::Recv(side)))
