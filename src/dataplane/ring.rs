@@ -75,6 +75,31 @@ pub unsafe fn push(ring: &mut IoUring, sqe: &squeue::Entry) {
     }
 }
 
+/// Queues linked submissions together: the link ends at a submission
+/// batch's end, so a pair split across two submits would lose its link (a
+/// connect without its timeout).
+///
+/// # Safety
+/// As for [`push`], for every entry.
+pub unsafe fn push_linked(ring: &mut IoUring, sqes: &[squeue::Entry]) {
+    loop {
+        let free = {
+            let sq = ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if free >= sqes.len() {
+            break;
+        }
+        if let Err(e) = ring.submit() {
+            tracing::error!("io_uring submit failed: {e}");
+        }
+    }
+    for sqe in sqes {
+        // SAFETY: forwarded from the caller.
+        unsafe { push(ring, sqe) };
+    }
+}
+
 /// The read that wakes a worker when its eventfd is written.
 pub fn waker_read(eventfd: std::os::fd::RawFd, counter: &mut u64, user_data: u64) -> squeue::Entry {
     opcode::Read::new(types::Fd(eventfd), (counter as *mut u64).cast(), 8)

@@ -637,10 +637,7 @@ impl Worker {
         // SAFETY: the address lives in the boxed connection until it is
         // freed, which waits for both completions; the timespec is boxed in
         // the worker and read by the kernel at submission.
-        unsafe {
-            self.push(&connect);
-            self.push(&timeout);
-        }
+        unsafe { ring::push_linked(&mut self.ring, &[connect, timeout]) };
     }
 
     fn on_connect(&mut self, id: u32, res: i32) {
