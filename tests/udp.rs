@@ -26,25 +26,10 @@ use common::*;
 
 /// (local port, state, inode) of every UDP socket, IPv4 and IPv6.
 fn udp_sockets() -> Vec<(u16, String, u64)> {
-    let mut out = Vec::new();
-    for file in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 {
-                continue;
-            }
-            let port = f[1]
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if let (Some(port), Ok(inode)) = (port, f[9].parse()) {
-                out.push((port, f[3].to_owned(), inode));
-            }
-        }
-    }
-    out
+    proc_sockets(&["/proc/net/udp", "/proc/net/udp6"])
+        .into_iter()
+        .map(|s| (s.addr.port(), s.state, s.inode))
+        .collect()
 }
 
 /// Whether `pid` owns `workers` sockets bound (state 07) to UDP `port` (one

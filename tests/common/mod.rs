@@ -202,10 +202,10 @@ fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Every TCP socket of the network namespace, IPv4 and IPv6.
-pub fn tcp_sockets() -> Vec<ProcSocket> {
+/// Every socket in the given /proc/net tables (`tcp`, `tcp6`, `udp`, `udp6`).
+pub fn proc_sockets(files: &[&str]) -> Vec<ProcSocket> {
     let mut out = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for file in files {
         let Ok(text) = fs::read_to_string(file) else {
             continue;
         };
@@ -228,6 +228,11 @@ pub fn tcp_sockets() -> Vec<ProcSocket> {
         }
     }
     out
+}
+
+/// Every TCP socket of the network namespace, IPv4 and IPv6.
+pub fn tcp_sockets() -> Vec<ProcSocket> {
+    proc_sockets(&["/proc/net/tcp", "/proc/net/tcp6"])
 }
 
 pub fn listening_sockets() -> Vec<ProcSocket> {
