@@ -143,8 +143,13 @@ impl Control {
         if close && report.health == state::Health::Down {
             for (_, info) in self.shared.registry.snapshot() {
                 if info.target == Some(Target::Server(report.server)) {
-                    self.shared
-                        .request(info.worker, crate::dataplane::WorkerRequest::Close(info.local));
+                    self.shared.request(
+                        info.worker,
+                        crate::dataplane::WorkerRequest::Close {
+                            local: info.local,
+                            serial: info.serial,
+                        },
+                    );
                 }
             }
         }
@@ -216,8 +221,13 @@ impl Control {
                 }
                 Effect::CloseConnection(n) => {
                     if let Some(info) = self.shared.registry.get(n) {
-                        self.shared
-                            .request(info.worker, crate::dataplane::WorkerRequest::Close(info.local));
+                        self.shared.request(
+                            info.worker,
+                            crate::dataplane::WorkerRequest::Close {
+                                local: info.local,
+                                serial: info.serial,
+                            },
+                        );
                     }
                 }
                 Effect::WriteFile { path, contents } => {

@@ -27,8 +27,9 @@ use crate::select::{RoundRobin, Target};
 /// Something the control thread asks one worker to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerRequest {
-    /// `close N`: tear down the worker's connection with this local id.
-    Close(u32),
+    /// `close N`: tear down the worker's connection with this local id,
+    /// if it is still the one with this serial (ids are reused).
+    Close { local: u32, serial: u64 },
     /// `listen`: a new listener was published; accept from it.
     Relisten,
     /// `-U` at the `-x` limit: end this worker's least recently used flow.
@@ -41,6 +42,8 @@ pub struct ConnInfo {
     pub worker: usize,
     /// The worker's own id for it.
     pub local: u32,
+    /// Unique for the process's lifetime, unlike `local` and the number.
+    pub serial: u64,
     pub client: Option<SocketAddr>,
     /// The client's slot in the client table.
     pub client_slot: usize,
@@ -58,6 +61,7 @@ pub struct ConnInfo {
 #[derive(Debug, Default)]
 pub struct Registry {
     slots: Mutex<Vec<Option<ConnInfo>>>,
+    serials: AtomicU64,
 }
 
 impl Registry {
@@ -66,7 +70,9 @@ impl Registry {
     }
 
     /// Numbers a new connection.
-    pub fn open(&self, info: ConnInfo) -> usize {
+    /// Numbers a new connection; its `serial` is filled in here.
+    pub fn open(&self, mut info: ConnInfo) -> usize {
+        info.serial = self.serials.fetch_add(1, Ordering::Relaxed);
         let mut slots = self.lock();
         match slots.iter().position(Option::is_none) {
             Some(n) => {

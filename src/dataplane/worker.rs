@@ -333,7 +333,17 @@ impl Worker {
         self.starved_of_fds = false;
         for request in self.shared.take_requests(self.id) {
             match request {
-                WorkerRequest::Close(local) => self.abort(local),
+                WorkerRequest::Close { local, serial } => {
+                    let current = self.conns.get(local as usize).and_then(|c| c.as_deref());
+                    if current.is_some_and(|c| {
+                        self.shared
+                            .registry
+                            .get(c.number)
+                            .is_some_and(|i| i.serial == serial)
+                    }) {
+                        self.abort(local);
+                    }
+                }
                 WorkerRequest::Relisten => self.relisten(),
                 // UDP flows only; a TCP worker has none.
                 WorkerRequest::EvictOldest => {}
@@ -503,6 +513,7 @@ impl Worker {
         let number = self.shared.registry.open(ConnInfo {
             worker: self.id,
             local: id,
+            serial: 0,
             client: peer,
             client_slot: slot,
             client_fd: client.as_raw_fd(),
