@@ -241,3 +241,41 @@ pub struct Config {
     /// `--udp-idle`: a UDP flow ends after this many idle seconds.
     pub udp_idle_secs: u64,
 }
+
+impl Config {
+    /// `listen` and `servers` with every other setting at Pen's default, in
+    /// the foreground, one worker: what a bare `pen -f LISTEN SERVERS` means.
+    pub fn with_defaults(listen: Endpoint, servers: Vec<ServerSpec>) -> Self {
+        Config {
+            listen,
+            servers,
+            emergency: None,
+            mode: Mode::default(),
+            blacklist_secs: defaults::BLACKLIST_SECS,
+            clients_max: defaults::CLIENTS_MAX,
+            tracking_secs: 0,
+            conn_max: defaults::CONN_MAX,
+            connect_timeout_secs: defaults::CONNECT_TIMEOUT_SECS,
+            accepts_per_wakeup: defaults::ACCEPTS_PER_WAKEUP,
+            backlog: defaults::BACKLOG,
+            http: false,
+            debug: 0,
+            foreground: true,
+            log: None,
+            pid_file: None,
+            user: None,
+            chroot: None,
+            workers: 1,
+            control: None,
+            config_file: None,
+            startup_commands: Vec::new(),
+            web_stats: None,
+            exit_enabled: false,
+            abuse: None,
+            metrics: None,
+            health: None,
+            udp: false,
+            udp_idle_secs: 60,
+        }
+    }
+}

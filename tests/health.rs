@@ -383,6 +383,18 @@ fn mysql_check_without_credentials() {
     assert_eq!(db.aborted(), denied);
 }
 
+/// Waits (bounded) until the node reports Synced (wsrep_local_state 4).
+fn wait_synced(db: &Mariadb) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.sql("SHOW GLOBAL STATUS LIKE 'wsrep_local_state'") != "wsrep_local_state\t4" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node did not return to Synced"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn galera_one_node_cluster() {
     let db = Mariadb::start(true);
@@ -418,6 +430,8 @@ fn galera_one_node_cluster() {
     assert!(reason.contains("Donor/Desynced"), "{reason}");
     assert_eq!(check(&donor_up), Verdict::Up);
     db.sql("SET GLOBAL wsrep_desync = OFF");
+    // Leaving desync is not instant: the node passes back to Synced.
+    wait_synced(&db);
     assert_eq!(check(&galera), Verdict::Up, "Synced again");
 
     db.sql("SET GLOBAL wsrep_reject_queries = ALL");

@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -134,14 +134,7 @@ impl UdpBalancer {
             args.push(spec(addr));
             args.extend(servers.iter().cloned());
             let dir = TempDir::new();
-            let mut child = Command::new(bin())
-                .args(&args)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(File::create(dir.join("stdout")).expect("create stdout file"))
-                .stderr(File::create(dir.join("stderr")).expect("create stderr file"))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+            let mut child = spawn_in(&dir, &args);
             let deadline = Instant::now() + WAIT;
             let exited = loop {
                 let ready = udp_bound_alone(child.id(), port.port, setup.workers)

@@ -1038,7 +1038,7 @@ fn set_server(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{Config, Mode};
+    use crate::config::Config;
     use crate::control::state::Health;
     use std::collections::HashMap;
     use std::net::Ipv6Addr;
@@ -1098,37 +1098,12 @@ pub(crate) mod tests {
     /// 127.0.0.1:18003`, the setup the replies below were taken from.
     pub(crate) fn pen_state() -> ControlState {
         let server = |a: &str| ServerSpec::new(inet(a));
-        let config = Config {
-            listen: inet("127.0.0.1:18000"),
-            servers: vec![server("127.0.0.1:18002"), server("127.0.0.1:18003")],
-            emergency: None,
-            mode: Mode::default(),
-            blacklist_secs: 30,
-            clients_max: 2048,
-            tracking_secs: 0,
-            conn_max: 500,
-            connect_timeout_secs: 3,
-            accepts_per_wakeup: 100,
-            backlog: 500,
-            http: false,
-            debug: 0,
-            foreground: true,
-            log: None,
-            pid_file: None,
-            user: Some("root".into()),
-            chroot: None,
-            workers: 1,
-            control: Some(inet("127.0.0.1:18001")),
-            config_file: None,
-            startup_commands: Vec::new(),
-            web_stats: None,
-            exit_enabled: false,
-            abuse: None,
-            metrics: None,
-            health: None,
-            udp: false,
-            udp_idle_secs: 60,
-        };
+        let mut config = Config::with_defaults(
+            inet("127.0.0.1:18000"),
+            vec![server("127.0.0.1:18002"), server("127.0.0.1:18003")],
+        );
+        config.user = Some("root".into());
+        config.control = Some(inet("127.0.0.1:18001"));
         ControlState::from_config(&config)
     }
 

@@ -67,6 +67,14 @@ impl Tag {
     }
 }
 
+/// What `take_capacity` could do for a new flow.
+enum Capacity {
+    Granted,
+    /// Another worker was asked to free a slot; wait to be woken.
+    Asked,
+    Refused,
+}
+
 /// A datagram waiting in a provided buffer.
 #[derive(Debug, Clone, Copy)]
 struct Datagram {
@@ -116,6 +124,10 @@ struct UdpWorker {
     free: Vec<u32>,
     by_client: HashMap<SocketAddr, u32>,
     starved: Vec<u32>,
+    /// New clients' datagrams waiting for a slot another worker frees.
+    waiting: VecDeque<(SocketAddr, Datagram)>,
+    /// An eviction was asked of another worker and not yet answered.
+    asked: bool,
     waker_buf: Box<u64>,
     tick: Box<types::Timespec>,
     now: Instant,
@@ -143,6 +155,8 @@ pub fn run(id: usize, shared: Arc<Shared>, socket: OwnedFd) -> anyhow::Result<()
         free: Vec::new(),
         by_client: HashMap::new(),
         starved: Vec::new(),
+        waiting: VecDeque::new(),
+        asked: false,
         waker_buf: Box::new(0),
         tick: Box::new(types::Timespec::new().sec(1)),
         now: Instant::now(),
@@ -226,11 +240,15 @@ impl UdpWorker {
                 } else {
                     for request in self.shared.take_requests(self.id) {
                         if request == super::WorkerRequest::EvictOldest {
-                            if let Some(id) = self.oldest_flow() {
-                                self.close_flow(id);
+                            match self.oldest_flow() {
+                                Some(id) => self.close_flow(id),
+                                // Nothing to give up (any more): let the
+                                // asking worker look again.
+                                None => self.shared.wake_paused(),
                             }
                         }
                     }
+                    self.retry_waiting();
                     self.arm_waker();
                 }
             }
@@ -287,9 +305,17 @@ impl UdpWorker {
     fn forward_up(&mut self, client: SocketAddr, datagram: Datagram) {
         let id = match self.by_client.get(&client) {
             Some(&id) if self.flows[id as usize].as_deref().is_some_and(|f| !f.closing) => id,
-            _ => match self.open_flow(client) {
-                Some(id) => id,
-                None => return self.bufs.release(datagram.buf),
+            _ => match self.take_capacity() {
+                Capacity::Granted => match self.open_flow(client) {
+                    Some(id) => id,
+                    None => return self.bufs.release(datagram.buf),
+                },
+                // Held until the other worker's flow is gone, so the limit
+                // holds for descriptors too.
+                Capacity::Asked if self.waiting.len() < QUEUE_MAX => {
+                    return self.waiting.push_back((client, datagram));
+                }
+                Capacity::Asked | Capacity::Refused => return self.bufs.release(datagram.buf),
             },
         };
         let now = self.now;
@@ -307,10 +333,8 @@ impl UdpWorker {
 
     /// Chooses a backend for a new client (Pen's selection, as for TCP) and
     /// connects a socket to it.
+    /// The caller holds one of the `-x` slots (see `take_capacity`).
     fn open_flow(&mut self, client: SocketAddr) -> Option<u32> {
-        if !self.take_capacity() {
-            return None;
-        }
         let ip = super::canonical_ip(client.ip());
         let key = ClientKey::Ip(ip);
         let (slot, tracked) = self.shared.clients.visit(key, self.shared.now_secs());
@@ -389,9 +413,10 @@ impl UdpWorker {
         Some(id)
     }
 
-    /// One of the `-x` flow slots; at the limit, the least recently used
-    /// flow of this worker gives its slot up.
-    fn take_capacity(&mut self) -> bool {
+    /// One of the `-x` flow slots. At the limit, the least recently used
+    /// flow of this worker gives its slot up; a worker with none asks the
+    /// next worker to (once until it wakes), and is woken when it has.
+    fn take_capacity(&mut self) -> Capacity {
         let max = self.shared.table.load().conn_max;
         let global = self.shared.global.clone();
         let active = &global.active;
@@ -401,24 +426,35 @@ impl UdpWorker {
             })
             .is_ok()
         {
-            return true;
+            return Capacity::Granted;
         }
         if let Some(id) = self.oldest_flow() {
+            // Its socket closes at once; its slot passes to the new flow now
+            // and its own count is returned when it is freed.
             self.close_flow(id);
-        } else {
-            // The flows live on other workers (the kernel picks the worker by
-            // the client's address): ask the next one to give one up.
-            let workers = self.shared.worker_count();
-            if workers < 2 {
-                return false;
-            }
+            active.fetch_add(1, Ordering::AcqRel);
+            return Capacity::Granted;
+        }
+        let workers = self.shared.worker_count();
+        if workers < 2 {
+            return Capacity::Refused;
+        }
+        if !self.asked {
+            self.asked = true;
+            self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
             self.shared
                 .request((self.id + 1) % workers, super::WorkerRequest::EvictOldest);
         }
-        // The evicted flow's slot passes to the new one at once; its own
-        // count is returned when it is freed.
-        active.fetch_add(1, Ordering::AcqRel);
-        true
+        Capacity::Asked
+    }
+
+    /// Datagrams of new clients that waited for another worker to free a
+    /// slot: try them again.
+    fn retry_waiting(&mut self) {
+        self.asked = false;
+        for (client, datagram) in std::mem::take(&mut self.waiting) {
+            self.forward_up(client, datagram);
+        }
     }
 
     /// This worker's least recently used open flow.
@@ -612,6 +648,8 @@ impl UdpWorker {
         }
         let flow = self.flows[id as usize].take().expect("checked above");
         flow.counters.release();
+        // A worker may be waiting for this slot.
+        self.shared.wake_paused();
         self.free.push(id);
         self.shared.global.active.fetch_sub(1, Ordering::AcqRel);
     }

@@ -471,14 +471,7 @@ impl Balancer {
         for attempt in 1..=3 {
             let port = Port::reserve();
             let args = launch.args(port.port);
-            let mut child = Command::new(bin())
-                .args(&args)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(File::create(dir.join("stdout")).expect("create stdout file"))
-                .stderr(File::create(dir.join("stderr")).expect("create stderr file"))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+            let mut child = spawn_in(&dir, &args);
             let deadline = Instant::now() + WAIT;
             let mut exited = None;
             loop {
@@ -667,17 +660,22 @@ pub struct Outcome {
     pub stderr: String,
 }
 
-/// Runs the binary with `args` and waits (bounded) for it to exit.
-pub fn run_to_exit(args: &[String]) -> Outcome {
-    let dir = TempDir::new();
-    let mut child = Command::new(bin())
+/// Starts the binary with `args` in `dir`, where its stdout and stderr go.
+pub fn spawn_in(dir: &TempDir, args: &[String]) -> Child {
+    Command::new(bin())
         .args(args)
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(File::create(dir.join("stdout")).expect("create stdout file"))
         .stderr(File::create(dir.join("stderr")).expect("create stderr file"))
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()))
+}
+
+/// Runs the binary with `args` and waits (bounded) for it to exit.
+pub fn run_to_exit(args: &[String]) -> Outcome {
+    let dir = TempDir::new();
+    let mut child = spawn_in(&dir, args);
     let status = wait_exit(&mut child, WAIT);
     let stderr = read_lossy(&dir.join("stderr"));
     let Some(status) = status else {
