@@ -102,6 +102,82 @@ fn two_hundred_concurrent_clients_each_get_their_own_echo() {
     assert_eq!(backend.accepted(), CLIENTS, "one backend connection per client");
 }
 
+/// Echoes, unless the first line is "flood": then writes until the peer
+/// stops reading (and the write times out) or goes away.
+fn flood_or_echo() -> Backend {
+    Backend::start(
+        "flood-or-echo",
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+        Arc::new(|mut stream: std::net::TcpStream| {
+            let mut first = [0u8; 6];
+            if stream.read_exact(&mut first).is_err() {
+                return;
+            }
+            if &first == b"flood\n" {
+                let chunk = vec![0u8; 64 * 1024];
+                while stream.write_all(&chunk).is_ok() {}
+                return;
+            }
+            let mut buf = first.to_vec();
+            loop {
+                if stream.write_all(&buf).is_err() {
+                    return;
+                }
+                buf.resize(4096, 0);
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.truncate(n),
+                }
+            }
+        }),
+    )
+}
+
+#[test]
+fn clients_that_never_read_do_not_stall_the_others() {
+    // Each client that does not read pins two buffers of the worker's ring
+    // of 256 (one being sent, one received): the last ones run on spares.
+    const FLOODED: usize = 140;
+    let backend = flood_or_echo();
+    let balancer = Balancer::start(&["--workers", "1"], &[backend.spec()]);
+    let flooded: Vec<_> = (0..FLOODED)
+        .map(|_| {
+            let mut stream = balancer.connect_from(2);
+            stream.write_all(b"flood\n").expect("ask for a flood");
+            stream
+        })
+        .collect();
+    let flooded_addrs: Vec<SocketAddr> = flooded.iter().map(|s| s.local_addr().unwrap()).collect();
+    // Stuck end to end: every client has unread bytes, and every flood
+    // writer at the backend has bytes the balancer no longer takes.
+    wait_until_for(BULK_WAIT, "every flood to back up to its backend", || {
+        let sockets = tcp_sockets();
+        let clients_full = flooded_addrs.iter().all(|a| {
+            sockets
+                .iter()
+                .any(|s| s.addr == *a && s.state == "01" && s.rx_queue > 0)
+        });
+        let writers_blocked = sockets
+            .iter()
+            .filter(|s| s.addr == backend.addr && s.state == "01" && s.tx_queue > 0)
+            .count();
+        clients_full && writers_blocked >= FLOODED
+    });
+
+    let mut stream = balancer.connect_from(3);
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    for i in 0..20u8 {
+        let message = [b'a' + i; 6];
+        stream.write_all(&message).unwrap();
+        let mut echoed = [0u8; 6];
+        stream
+            .read_exact(&mut echoed)
+            .unwrap_or_else(|e| panic!("echo {i} while {FLOODED} clients do not read: {e}"));
+        assert_eq!(echoed, message);
+    }
+    drop(flooded);
+}
+
 fn ping(from: IpAddr, to: SocketAddr) {
     let message = b"ping over another family";
     let mut stream = connect_from(from, to);

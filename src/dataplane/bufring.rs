@@ -111,6 +111,11 @@ impl BufRing {
         self.buf_size
     }
 
+    /// Bytes at the end of each buffer that receives leave free.
+    pub fn reserve(&self) -> u32 {
+        self.reserve
+    }
+
     /// Buffers the kernel can still pick.
     pub fn available(&self) -> u32 {
         self.available

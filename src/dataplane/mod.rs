@@ -1,6 +1,7 @@
 //! The io_uring data plane: N worker threads, each with its own ring and
 //! buffer ring, accepting from the shared listener and proxying bytes.
 
+pub mod buffers;
 pub mod bufring;
 pub mod http;
 pub mod listener;

@@ -1,12 +1,16 @@
 //! The proxying logic of one connected client/backend pair, as a plain state
 //! machine: it takes completion events and says which operations to submit.
 //! It knows nothing about rings or sockets, so every path (half-close, back
-//! pressure, buffer starvation, errors) is unit-tested without I/O.
+//! pressure, a dry buffer ring, errors) is unit-tested without I/O.
+//!
+//! Each direction has at most one receive armed and at most [`MAX_QUEUED`]
+//! chunks held, so a connection never holds more than `2 * MAX_QUEUED`
+//! buffers however slowly its peers read: back pressure is simply not
+//! re-arming the receive.
 //!
 //! Contract with the driver:
-//! - Every `Op::ArmRecv`, `Op::Send` and `Op::Shutdown` the machine emits gets
-//!   exactly one terminal completion fed back through the matching `on_*`
-//!   method (a multishot recv: every CQE, the last without `more`).
+//! - Every `Op::Recv`, `Op::Send` and `Op::Shutdown` the machine emits gets
+//!   exactly one completion fed back through the matching `on_*` method.
 //! - A buffer named in `on_recv` belongs to the machine until it emits
 //!   `Op::Release` for it; `Op::Send` sends `len` bytes at `offset` of it.
 //! - `Op::Close` comes once, when nothing is in flight: then the driver closes
@@ -30,15 +34,16 @@ impl Side {
     }
 }
 
-/// A provided buffer's id in the worker's buffer ring.
-pub type BufId = u16;
+/// A receive buffer's id: the worker's buffer ring, or one of its spares.
+pub type BufId = u32;
 
 /// What the driver must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// Arm a multishot receive on this side's socket.
-    ArmRecv(Side),
-    /// Cancel the multishot receive on this side (back pressure).
+    /// Receive once from this side. `spare`: the buffer ring ran dry on the
+    /// last try, so receive into a buffer lent from outside the ring.
+    Recv { from: Side, spare: bool },
+    /// Cancel the receive on this side (only when aborting).
     CancelRecv(Side),
     /// Send bytes `offset..offset + len` of buffer `buf` to this side.
     Send {
@@ -49,7 +54,7 @@ pub enum Op {
     },
     /// `shutdown(SHUT_WR)` this side: its peer sent EOF and all was forwarded.
     Shutdown(Side),
-    /// Give the buffer back to the ring.
+    /// Give the buffer back.
     Release(BufId),
     /// An error: shut both sockets down so that pending operations end.
     Abort,
@@ -57,19 +62,16 @@ pub enum Op {
     Close,
 }
 
-/// Chunks queued in one direction before its receive is paused. Together
-/// with the one in flight this bounds the buffers one connection can hold.
-pub const QUEUE_HIGH_WATER: usize = 4;
+/// Chunks one direction may hold: one being sent while the next arrives.
+pub const MAX_QUEUED: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recv {
-    /// Not armed (waiting for the queue to drain, or not started).
+    /// Not armed (the queue is full, or not started).
     Idle,
     Armed,
-    /// Cancel requested; CQEs may still arrive until the terminal one.
+    /// Cancel requested while aborting; the completion is still owed.
     Cancelling,
-    /// Ended with ENOBUFS: waits for the driver to report free buffers.
-    Starved,
     /// The source sent EOF.
     Eof,
 }
@@ -85,6 +87,8 @@ struct Chunk {
 #[derive(Debug)]
 struct Direction {
     recv: Recv,
+    /// The last receive found the buffer ring empty.
+    ring_dry: bool,
     queue: VecDeque<Chunk>,
     sending: bool,
     shutdown_in_flight: bool,
@@ -96,7 +100,8 @@ impl Direction {
     fn new() -> Self {
         Direction {
             recv: Recv::Idle,
-            queue: VecDeque::with_capacity(QUEUE_HIGH_WATER + 2),
+            ring_dry: false,
+            queue: VecDeque::with_capacity(MAX_QUEUED),
             sending: false,
             shutdown_in_flight: false,
             finished: false,
@@ -136,7 +141,7 @@ impl Proxy {
     /// The backend connect completed: start receiving on both sides.
     pub fn start(&mut self, out: &mut Vec<Op>) {
         for side in [Side::Client, Side::Backend] {
-            self.arm(side, out);
+            self.pump(side, out);
         }
     }
 
@@ -145,47 +150,41 @@ impl Proxy {
         self.dirs[source as usize].bytes
     }
 
-    /// Whether this side's receive ended for lack of buffers.
-    pub fn is_starved(&self, source: Side) -> bool {
-        self.dirs[source as usize].recv == Recv::Starved
-    }
-
     /// A receive completion from `source`: `res` bytes into `buf` (res > 0),
-    /// EOF (0) or -errno; `more` is false on the multishot's last CQE.
-    pub fn on_recv(&mut self, source: Side, res: i32, buf: Option<BufId>, more: bool, out: &mut Vec<Op>) {
+    /// EOF (0) or -errno (`-ENOBUFS`: the buffer ring was empty).
+    pub fn on_recv(&mut self, source: Side, res: i32, buf: Option<BufId>, out: &mut Vec<Op>) {
         let dir = &mut self.dirs[source as usize];
+        dir.recv = Recv::Idle;
         if let (Some(buf), true) = (buf, res <= 0) {
             // A failed receive may still have taken a buffer: give it back.
             out.push(Op::Release(buf));
         }
-        if res > 0 {
-            let Some(buf) = buf else {
-                // The kernel always names the buffer for a positive result.
-                self.abort(out);
-                return;
-            };
-            if self.aborting {
-                out.push(Op::Release(buf));
-            } else {
-                dir.bytes += res as u64;
-                dir.queue.push_back(Chunk {
-                    buf,
-                    offset: 0,
-                    len: res as u32,
-                });
+        match res {
+            1.. => {
+                let Some(buf) = buf else {
+                    // The kernel always names the buffer for a positive result.
+                    return self.abort(out);
+                };
+                if self.aborting {
+                    out.push(Op::Release(buf));
+                } else {
+                    dir.bytes += res as u64;
+                    dir.queue.push_back(Chunk {
+                        buf,
+                        offset: 0,
+                        len: res as u32,
+                    });
+                }
             }
-        }
-        if !more {
-            let failed = res < 0 && res != -libc::ENOBUFS && res != -libc::ECANCELED;
-            self.dirs[source as usize].recv = match res {
-                0 => Recv::Eof,
-                r if r == -libc::ENOBUFS => Recv::Starved,
-                _ => Recv::Idle,
-            };
-            if failed || (res == 0 && self.fast_close[source as usize]) {
-                self.abort(out);
-                return self.maybe_close(out);
+            0 => {
+                dir.recv = Recv::Eof;
+                if self.fast_close[source as usize] {
+                    return self.abort(out);
+                }
             }
+            e if e == -libc::ENOBUFS => dir.ring_dry = true,
+            e if e == -libc::ECANCELED && self.aborting => {}
+            _ => return self.abort(out),
         }
         if self.aborting {
             return self.maybe_close(out);
@@ -231,14 +230,6 @@ impl Proxy {
         self.maybe_close(out);
     }
 
-    /// The driver has buffers again: re-arm a receive that starved.
-    pub fn on_buffers(&mut self, source: Side, out: &mut Vec<Op>) {
-        if !self.aborting && self.dirs[source as usize].recv == Recv::Starved {
-            self.dirs[source as usize].recv = Recv::Idle;
-            self.pump(source, out);
-        }
-    }
-
     /// Tear the connection down (an error, or the balancer stopping).
     pub fn abort(&mut self, out: &mut Vec<Op>) {
         if self.aborting || self.closed {
@@ -262,8 +253,8 @@ impl Proxy {
         self.maybe_close(out);
     }
 
-    /// Moves one direction forward: send the next chunk, pause or resume
-    /// the receive, pass EOF on once everything before it went out.
+    /// Moves one direction forward: send the next chunk, receive again
+    /// while there is room, pass EOF on once everything before it went out.
     fn pump(&mut self, source: Side, out: &mut Vec<Op>) {
         let dir = &mut self.dirs[source as usize];
         if !dir.sending {
@@ -278,24 +269,19 @@ impl Proxy {
             }
         }
         match dir.recv {
-            Recv::Armed if dir.queue.len() >= QUEUE_HIGH_WATER => {
-                dir.recv = Recv::Cancelling;
-                out.push(Op::CancelRecv(source));
+            Recv::Idle if dir.queue.len() < MAX_QUEUED => {
+                dir.recv = Recv::Armed;
+                out.push(Op::Recv {
+                    from: source,
+                    spare: std::mem::take(&mut dir.ring_dry),
+                });
             }
-            // Resume only once drained, so a slow reader costs one re-arm
-            // per drained queue, not one per chunk.
-            Recv::Idle if dir.queue.is_empty() => self.arm(source, out),
             Recv::Eof if dir.queue.is_empty() && !dir.shutdown_in_flight && !dir.finished => {
                 dir.shutdown_in_flight = true;
                 out.push(Op::Shutdown(source.peer()));
             }
             _ => {}
         }
-    }
-
-    fn arm(&mut self, source: Side, out: &mut Vec<Op>) {
-        self.dirs[source as usize].recv = Recv::Armed;
-        out.push(Op::ArmRecv(source));
     }
 
     fn maybe_close(&mut self, out: &mut Vec<Op>) {
@@ -325,28 +311,28 @@ mod tests {
     use super::*;
     use Side::*;
 
+    fn recv(from: Side) -> Op {
+        Op::Recv { from, spare: false }
+    }
+
+    fn send(to: Side, buf: BufId, offset: u32, len: u32) -> Op {
+        Op::Send { to, buf, offset, len }
+    }
+
     fn started() -> (Proxy, Vec<Op>) {
         let mut p = Proxy::new(false, false);
         let mut out = Vec::new();
         p.start(&mut out);
-        assert_eq!(out, vec![Op::ArmRecv(Client), Op::ArmRecv(Backend)]);
+        assert_eq!(out, vec![recv(Client), recv(Backend)]);
         out.clear();
         (p, out)
     }
 
     #[test]
-    fn forwards_a_chunk_and_releases_its_buffer_after_the_send() {
+    fn forwards_a_chunk_receives_again_and_releases_the_buffer_after_the_send() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 100, Some(7), true, &mut out);
-        assert_eq!(
-            out,
-            vec![Op::Send {
-                to: Backend,
-                buf: 7,
-                offset: 0,
-                len: 100
-            }]
-        );
+        p.on_recv(Client, 100, Some(7), &mut out);
+        assert_eq!(out, vec![send(Backend, 7, 0, 100), recv(Client)]);
         out.clear();
         p.on_send(Backend, 100, &mut out);
         assert_eq!(out, vec![Op::Release(7)]);
@@ -356,65 +342,46 @@ mod tests {
     #[test]
     fn one_send_in_flight_per_direction_in_order() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 10, Some(1), true, &mut out);
-        p.on_recv(Client, 20, Some(2), true, &mut out);
-        assert_eq!(
-            out,
-            vec![Op::Send {
-                to: Backend,
-                buf: 1,
-                offset: 0,
-                len: 10
-            }]
-        );
+        p.on_recv(Client, 10, Some(1), &mut out);
         out.clear();
+        p.on_recv(Client, 20, Some(2), &mut out);
+        assert!(out.is_empty(), "the queue is full: no send, no receive");
         p.on_send(Backend, 10, &mut out);
-        assert_eq!(
-            out,
-            vec![
-                Op::Release(1),
-                Op::Send {
-                    to: Backend,
-                    buf: 2,
-                    offset: 0,
-                    len: 20
-                }
-            ]
-        );
+        assert_eq!(out, vec![Op::Release(1), send(Backend, 2, 0, 20), recv(Client)]);
     }
 
     #[test]
     fn a_short_send_resends_the_rest_of_the_same_buffer() {
         let (mut p, mut out) = started();
-        p.on_recv(Backend, 1000, Some(3), true, &mut out);
+        p.on_recv(Backend, 1000, Some(3), &mut out);
         out.clear();
         p.on_send(Client, 400, &mut out);
-        assert_eq!(
-            out,
-            vec![Op::Send {
-                to: Client,
-                buf: 3,
-                offset: 400,
-                len: 600
-            }]
-        );
+        assert_eq!(out, vec![send(Client, 3, 400, 600)]);
+    }
+
+    #[test]
+    fn a_reader_that_never_reads_pins_at_most_max_queued_buffers_per_direction() {
+        let (mut p, mut out) = started();
+        let mut held: BufId = 0;
+        loop {
+            out.clear();
+            p.on_recv(Client, 1, Some(held), &mut out);
+            held += 1;
+            if !out.contains(&recv(Client)) {
+                break;
+            }
+            assert!(held < 100, "the receive never stopped");
+        }
+        assert_eq!(held as usize, MAX_QUEUED);
     }
 
     #[test]
     fn eof_becomes_shutdown_after_the_queue_drains_and_both_eofs_close() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 5, Some(1), true, &mut out);
-        p.on_recv(Client, 0, None, false, &mut out);
-        assert_eq!(
-            out,
-            vec![Op::Send {
-                to: Backend,
-                buf: 1,
-                offset: 0,
-                len: 5
-            }]
-        );
+        p.on_recv(Client, 5, Some(1), &mut out);
         out.clear();
+        p.on_recv(Client, 0, None, &mut out);
+        assert!(out.is_empty(), "the send of buffer 1 is still in flight");
         p.on_send(Backend, 5, &mut out);
         assert_eq!(out, vec![Op::Release(1), Op::Shutdown(Backend)]);
         out.clear();
@@ -424,18 +391,14 @@ mod tests {
             "the backend may still answer after the client's EOF"
         );
         // The backend answers, then closes: nothing may be lost.
-        p.on_recv(Backend, 9, Some(4), true, &mut out);
-        p.on_recv(Backend, 0, None, false, &mut out);
+        p.on_recv(Backend, 9, Some(4), &mut out);
+        p.on_recv(Backend, 0, None, &mut out);
         p.on_send(Client, 9, &mut out);
         assert_eq!(
             out,
             vec![
-                Op::Send {
-                    to: Client,
-                    buf: 4,
-                    offset: 0,
-                    len: 9
-                },
+                send(Client, 4, 0, 9),
+                recv(Backend),
                 Op::Release(4),
                 Op::Shutdown(Client)
             ]
@@ -447,59 +410,30 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_pauses_the_receive_and_a_drained_one_resumes_it() {
+    fn a_dry_ring_asks_for_a_spare_buffer_once() {
         let (mut p, mut out) = started();
-        for buf in 0..QUEUE_HIGH_WATER as u16 {
-            p.on_recv(Client, 1, Some(buf), true, &mut out);
-        }
-        assert_eq!(out.last(), Some(&Op::CancelRecv(Client)));
-        out.clear();
-        // A chunk already on its way still arrives, then the cancel ends it.
-        p.on_recv(Client, 1, Some(99), true, &mut out);
-        p.on_recv(Client, -libc::ECANCELED, None, false, &mut out);
-        assert!(out.is_empty());
-        for _ in 0..QUEUE_HIGH_WATER {
-            p.on_send(Backend, 1, &mut out);
-        }
-        assert!(
-            !out.contains(&Op::ArmRecv(Client)),
-            "not before the queue is empty"
+        p.on_recv(Backend, -libc::ENOBUFS, None, &mut out);
+        assert_eq!(
+            out,
+            vec![Op::Recv {
+                from: Backend,
+                spare: true
+            }]
         );
         out.clear();
-        p.on_send(Backend, 1, &mut out);
-        assert_eq!(out, vec![Op::Release(99), Op::ArmRecv(Client)]);
-    }
-
-    #[test]
-    fn enobufs_waits_for_buffers_then_rearms() {
-        let (mut p, mut out) = started();
-        p.on_recv(Backend, -libc::ENOBUFS, None, false, &mut out);
-        assert!(out.is_empty());
-        assert!(p.is_starved(Backend));
-        p.on_buffers(Backend, &mut out);
-        assert_eq!(out, vec![Op::ArmRecv(Backend)]);
-    }
-
-    #[test]
-    fn a_multishot_that_ends_by_itself_is_rearmed() {
-        let (mut p, mut out) = started();
-        p.on_recv(Client, 3, Some(1), false, &mut out);
-        out.clear();
-        p.on_send(Backend, 3, &mut out);
-        assert_eq!(out, vec![Op::Release(1), Op::ArmRecv(Client)]);
+        p.on_recv(Backend, 8, Some(300), &mut out);
+        assert_eq!(out, vec![send(Client, 300, 0, 8), recv(Backend)]);
     }
 
     #[test]
     fn a_reset_aborts_releases_everything_and_closes_when_idle() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 10, Some(1), true, &mut out);
-        p.on_recv(Client, 10, Some(2), true, &mut out);
+        p.on_recv(Client, 10, Some(1), &mut out);
+        p.on_recv(Client, 10, Some(2), &mut out);
         out.clear();
-        p.on_recv(Backend, -libc::ECONNRESET, None, false, &mut out);
-        assert_eq!(out, vec![Op::Abort, Op::CancelRecv(Client), Op::Release(2)]);
+        p.on_recv(Backend, -libc::ECONNRESET, None, &mut out);
+        assert_eq!(out, vec![Op::Abort, Op::Release(2)]);
         out.clear();
-        p.on_recv(Client, 0, None, false, &mut out);
-        assert!(out.is_empty(), "the send of buffer 1 is still in flight");
         p.on_send(Backend, -libc::EPIPE, &mut out);
         assert_eq!(out, vec![Op::Release(1), Op::Close]);
     }
@@ -508,9 +442,16 @@ mod tests {
     fn data_arriving_while_aborting_goes_straight_back() {
         let (mut p, mut out) = started();
         p.abort(&mut out);
+        assert_eq!(
+            out,
+            vec![Op::Abort, Op::CancelRecv(Client), Op::CancelRecv(Backend)]
+        );
         out.clear();
-        p.on_recv(Client, 10, Some(5), true, &mut out);
+        p.on_recv(Client, 10, Some(5), &mut out);
         assert_eq!(out, vec![Op::Release(5)]);
+        out.clear();
+        p.on_recv(Backend, -libc::ECANCELED, None, &mut out);
+        assert_eq!(out, vec![Op::Close]);
     }
 
     #[test]
@@ -519,22 +460,22 @@ mod tests {
         let mut out = Vec::new();
         p.start(&mut out);
         out.clear();
-        p.on_recv(Client, 0, None, false, &mut out);
+        p.on_recv(Client, 0, None, &mut out);
         assert!(!out.contains(&Op::Abort), "a client EOF is still a half-close");
         out.clear();
-        p.on_recv(Backend, 0, None, false, &mut out);
+        p.on_recv(Backend, 0, None, &mut out);
         assert_eq!(out[0], Op::Abort);
     }
 
     #[test]
     fn a_failed_send_aborts() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 10, Some(1), true, &mut out);
+        p.on_recv(Client, 10, Some(1), &mut out);
         out.clear();
         p.on_send(Backend, -libc::EPIPE, &mut out);
         assert_eq!(out[0], Op::Abort);
-        p.on_recv(Client, -libc::ECANCELED, None, false, &mut out);
-        p.on_recv(Backend, -libc::ECANCELED, None, false, &mut out);
+        p.on_recv(Client, -libc::ECANCELED, None, &mut out);
+        p.on_recv(Backend, -libc::ECANCELED, None, &mut out);
         assert_eq!(out.last(), Some(&Op::Close));
         assert!(out.contains(&Op::Release(1)));
     }

@@ -14,8 +14,8 @@ use anyhow::Context;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use super::bufring::BufRing;
-use super::proxy::{Op, Proxy, Side};
+use super::buffers::Buffers;
+use super::proxy::{BufId, Op, Proxy, Side};
 use super::{http, ring, ConnInfo, Shared, WorkerRequest};
 use crate::control::state::FastClose;
 use crate::control::ControlEvent;
@@ -23,12 +23,11 @@ use crate::routing::{RoutingTable, ServerCounters, ServersView};
 use crate::select::client_table::ClientKey;
 use crate::select::{first_choice, Attempts, Choice, Target};
 
-/// Receive buffers per worker and their size. Only buffers holding data in
-/// flight are ever touched, so this is address space, not resident memory.
+/// Ring buffers per worker and their size. The ring hands buffers out in
+/// order, so under traffic all of them are touched: this is the worker's
+/// resident buffer memory. An idle connection holds none.
 const BUF_COUNT: u16 = 256;
 const BUF_SIZE: u32 = 32 * 1024;
-/// Re-arm starved receives once this many buffers are back in the ring.
-const REARM_THRESHOLD: u32 = BUF_COUNT as u32 / 8;
 
 /// What a completion belongs to: the low byte of its user_data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +112,8 @@ struct Conn {
     /// Kept here so the pointer handed to the kernel stays valid.
     backend_addr: Option<SockAddr>,
     phase: Phase,
+    /// The spare buffer lent to each side's pending receive, if any.
+    spare: [Option<BufId>; 2],
     /// Completions owed outside the proxy machine (connect, its timeout,
     /// cancels); the slot is reused only when this is zero.
     owed: u32,
@@ -150,7 +151,7 @@ struct Worker {
     // Field order matters: the ring must be dropped before the buffer ring's
     // memory is unmapped.
     ring: IoUring,
-    bufs: BufRing,
+    bufs: Buffers,
     shared: Arc<Shared>,
     listener: Arc<OwnedFd>,
     conns: Vec<Option<Box<Conn>>>,
@@ -163,8 +164,6 @@ struct Worker {
     paused: bool,
     /// Stopped accepting because the process ran out of descriptors.
     starved_of_fds: bool,
-    /// (connection, side) whose receive ended for lack of buffers.
-    starved: Vec<(u32, Side)>,
     waker_buf: Box<u64>,
     timeout: Box<types::Timespec>,
     tick: Box<types::Timespec>,
@@ -180,7 +179,7 @@ struct Worker {
 /// The worker thread's body.
 pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
     let ring = ring::new_ring().with_context(|| format!("worker {id}"))?;
-    let bufs = BufRing::register(&ring.submitter(), 0, BUF_COUNT, BUF_SIZE, http::HEADROOM)
+    let bufs = Buffers::new(&ring.submitter(), 0, BUF_COUNT, BUF_SIZE, http::HEADROOM)
         .with_context(|| format!("worker {id}: cannot register the buffer ring"))?;
     let mut worker = Worker {
         id,
@@ -194,7 +193,6 @@ pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
         accept_armed: false,
         paused: false,
         starved_of_fds: false,
-        starved: Vec::new(),
         waker_buf: Box::new(0),
         timeout: Box::new(types::Timespec::new()),
         tick: Box::new(types::Timespec::new().sec(1)),
@@ -542,6 +540,7 @@ impl Worker {
             backend: None,
             backend_addr: None,
             phase: Phase::Connecting,
+            spare: [None; 2],
             owed: 0,
             number,
             last_active: self.now,
@@ -698,27 +697,24 @@ impl Worker {
     }
 
     fn on_recv(&mut self, id: u32, side: Side, mut res: i32, flags: u32) {
-        let buf = cqueue::buffer_select(flags);
-        if buf.is_some() {
-            self.bufs.lent();
-        }
-        let more = cqueue::more(flags);
+        let ring_buf = cqueue::buffer_select(flags).map(|bid| self.bufs.lent(bid));
         let shared = self.shared.clone();
         let Some(conn) = self.conns[id as usize].as_deref_mut() else {
-            if let Some(bid) = buf {
+            if let Some(bid) = ring_buf {
                 self.bufs.release(bid);
             }
             return;
         };
+        let buf = ring_buf.or_else(|| conn.spare[side as usize].take());
         if let (Some(bid), Some(counters)) = (buf.filter(|_| res > 0), &conn.counters) {
             conn.last_active = self.now;
             match side {
                 Side::Client => {
                     if conn.http {
+                        let size = self.bufs.size() as usize;
                         // SAFETY: the buffer is lent to us until released and
                         // the client receive leaves HEADROOM bytes free in it.
-                        let whole =
-                            unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(bid), BUF_SIZE as usize) };
+                        let whole = unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(bid), size) };
                         res = http::add_forwarded_for(whole, res as usize, conn.client_ip) as i32;
                     }
                     if shared.log.is_enabled() {
@@ -740,10 +736,7 @@ impl Worker {
             }
             return;
         };
-        proxy.on_recv(side, res, buf, more, &mut self.ops);
-        if proxy.is_starved(side) {
-            self.starved.push((id, side));
-        }
+        proxy.on_recv(side, res, buf, &mut self.ops);
         self.apply(id);
     }
 
@@ -757,16 +750,26 @@ impl Worker {
 
     /// Turns the proxy machine's operations into submissions.
     fn apply(&mut self, id: u32) {
-        let mut released = false;
         let mut ops = std::mem::take(&mut self.ops);
         for op in ops.drain(..) {
             let Some(conn) = self.conns[id as usize].as_deref_mut() else {
                 break;
             };
             let sqe = match op {
-                Op::ArmRecv(side) => opcode::RecvMulti::new(types::Fd(conn.fd(side)), self.bufs.group())
-                    .build()
-                    .user_data(user_data(id, Tag::Recv(side))),
+                Op::Recv { from, spare: false } => {
+                    opcode::Recv::new(types::Fd(conn.fd(from)), std::ptr::null_mut(), 0)
+                        .buf_group(self.bufs.group())
+                        .build()
+                        .flags(squeue::Flags::BUFFER_SELECT)
+                        .user_data(user_data(id, Tag::Recv(from)))
+                }
+                Op::Recv { from, spare: true } => {
+                    let bid = self.bufs.take_spare();
+                    conn.spare[from as usize] = Some(bid);
+                    opcode::Recv::new(types::Fd(conn.fd(from)), self.bufs.ptr(bid), self.bufs.recv_len())
+                        .build()
+                        .user_data(user_data(id, Tag::Recv(from)))
+                }
                 Op::CancelRecv(side) => {
                     conn.owed += 1;
                     opcode::AsyncCancel::new(user_data(id, Tag::Recv(side)))
@@ -785,7 +788,6 @@ impl Worker {
                     .user_data(user_data(id, Tag::Shutdown(side))),
                 Op::Release(buf) => {
                     self.bufs.release(buf);
-                    released = true;
                     continue;
                 }
                 Op::Abort => {
@@ -800,31 +802,14 @@ impl Worker {
             };
             // SAFETY: the sockets live in the boxed connection, which is not
             // freed while the proxy machine has operations in flight; a send
-            // points into a buffer the machine keeps out of the ring until
-            // that send's completion has been handled.
+            // points into a buffer the machine keeps until that send's
+            // completion has been handled, and a spare lent to a receive is
+            // only given back after that receive's completion.
             unsafe { self.push(&sqe) };
         }
         self.ops = ops;
         if self.conns[id as usize].as_deref().is_some_and(Conn::finished) {
             self.release(id);
-        }
-        if released {
-            self.feed_starved();
-        }
-    }
-
-    /// Re-arms receives that ran out of buffers once enough came back.
-    fn feed_starved(&mut self) {
-        if self.starved.is_empty() || self.bufs.available() < REARM_THRESHOLD {
-            return;
-        }
-        let starved = std::mem::take(&mut self.starved);
-        for (id, side) in starved {
-            if let Some(Phase::Proxying(proxy)) = self.conns[id as usize].as_deref_mut().map(|c| &mut c.phase)
-            {
-                proxy.on_buffers(side, &mut self.ops);
-                self.apply(id);
-            }
         }
     }
 

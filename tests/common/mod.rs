@@ -181,6 +181,9 @@ pub struct ProcSocket {
     pub remote: SocketAddr,
     /// The state as the kernel prints it: 0A LISTEN, 02 SYN_SENT, 01 ESTABLISHED.
     pub state: String,
+    /// Bytes waiting in the send and receive queues.
+    pub tx_queue: u64,
+    pub rx_queue: u64,
     pub inode: u64,
 }
 
@@ -214,8 +217,14 @@ pub fn proc_sockets(files: &[&str]) -> Vec<ProcSocket> {
             if f.len() < 10 {
                 continue;
             }
-            let (Some(addr), Some(remote), Ok(inode)) =
-                (parse_proc_addr(f[1]), parse_proc_addr(f[2]), f[9].parse())
+            let queues = f[4].split_once(':').and_then(|(tx, rx)| {
+                Some((
+                    u64::from_str_radix(tx, 16).ok()?,
+                    u64::from_str_radix(rx, 16).ok()?,
+                ))
+            });
+            let (Some(addr), Some(remote), Some((tx_queue, rx_queue)), Ok(inode)) =
+                (parse_proc_addr(f[1]), parse_proc_addr(f[2]), queues, f[9].parse())
             else {
                 continue;
             };
@@ -223,6 +232,8 @@ pub fn proc_sockets(files: &[&str]) -> Vec<ProcSocket> {
                 addr,
                 remote,
                 state: f[3].to_owned(),
+                tx_queue,
+                rx_queue,
                 inode,
             });
         }
