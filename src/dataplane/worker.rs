@@ -28,6 +28,13 @@ use crate::select::{first_choice, Attempts, Choice, Target};
 /// resident buffer memory. An idle connection holds none.
 const BUF_COUNT: u16 = 256;
 const BUF_SIZE: u32 = 32 * 1024;
+/// `IORING_RECVSEND_POLL_FIRST` (uapi): wait for readiness before trying to
+/// receive, skipping an attempt that would find the socket empty.
+const RECV_POLL_FIRST: u16 = 1;
+/// Out of descriptors, accepting is tried again after this long even if
+/// none of this worker's connections has closed (descriptors may come back
+/// from elsewhere in the process).
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a completion belongs to: the low byte of its user_data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +46,8 @@ enum Tag {
     Cancel,
     /// The once-a-second timer that enforces `idle_timeout`.
     Tick,
+    /// Out of descriptors: the timer after which accepting is tried again.
+    AcceptRetry,
     Recv(Side),
     Send(Side),
     Shutdown(Side),
@@ -56,6 +65,7 @@ impl Tag {
             Tag::Send(side) => 8 + side as u8,
             Tag::Shutdown(side) => 10 + side as u8,
             Tag::Tick => 12,
+            Tag::AcceptRetry => 13,
         }
     }
 
@@ -71,6 +81,7 @@ impl Tag {
             8 | 9 => Tag::Send(side),
             10 | 11 => Tag::Shutdown(side),
             12 => Tag::Tick,
+            13 => Tag::AcceptRetry,
             _ => return None,
         })
     }
@@ -114,6 +125,9 @@ struct Conn {
     phase: Phase,
     /// The spare buffer lent to each side's pending receive, if any.
     spare: [Option<BufId>; 2],
+    /// The last receive from each side took less than a buffer: the socket
+    /// is most likely empty now.
+    drained: [bool; 2],
     /// Completions owed outside the proxy machine (connect, its timeout,
     /// cancels); the slot is reused only when this is zero.
     owed: u32,
@@ -162,8 +176,12 @@ struct Worker {
     accept_armed: bool,
     /// Stopped accepting at the `-x` or `pending_max` limit.
     paused: bool,
-    /// Stopped accepting because the process ran out of descriptors.
+    /// Stopped accepting because the process ran out of descriptors, until
+    /// a connection closes or `accept_retry` fires.
     starved_of_fds: bool,
+    accept_retry: Box<types::Timespec>,
+    /// Said so in the log; quiet until an accept succeeds again.
+    warned_of_fds: bool,
     waker_buf: Box<u64>,
     timeout: Box<types::Timespec>,
     tick: Box<types::Timespec>,
@@ -193,6 +211,8 @@ pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
         accept_armed: false,
         paused: false,
         starved_of_fds: false,
+        accept_retry: Box::new(types::Timespec::from(ACCEPT_RETRY)),
+        warned_of_fds: false,
         waker_buf: Box::new(0),
         timeout: Box::new(types::Timespec::new()),
         tick: Box::new(types::Timespec::new().sec(1)),
@@ -304,6 +324,10 @@ impl Worker {
             Tag::Accept => self.on_accept(res, flags),
             Tag::Waker => self.on_waker(),
             Tag::Tick => self.on_tick(),
+            Tag::AcceptRetry => {
+                self.starved_of_fds = false;
+                self.arm_accept();
+            }
             Tag::Cancel if conn == u32::MAX => {}
             Tag::Cancel | Tag::ConnectTimeout => self.settle_owed(conn),
             Tag::Connect => self.on_connect(conn, res),
@@ -403,19 +427,30 @@ impl Worker {
         if res >= 0 {
             // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
             self.parked.push_back(unsafe { OwnedFd::from_raw_fd(res) });
+            self.warned_of_fds = false;
             self.shared.global.accepted.fetch_add(1, Ordering::Relaxed);
         } else if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
             // Re-arming now would fail again at once, in a tight loop: wait
             // until a connection closes and gives a descriptor back.
-            if !self.starved_of_fds {
+            if !self.warned_of_fds {
                 tracing::warn!(
-                    "worker {}: not accepting until a connection closes: {}",
+                    "worker {}: not accepting until a connection closes or {} ms pass: {}",
                     self.id,
+                    ACCEPT_RETRY.as_millis(),
                     std::io::Error::from_raw_os_error(-res)
                 );
+                self.warned_of_fds = true;
             }
-            self.starved_of_fds = true;
-            self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
+            if !self.starved_of_fds {
+                self.starved_of_fds = true;
+                self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
+                let sqe = opcode::Timeout::new(&*self.accept_retry)
+                    .build()
+                    .user_data(user_data(0, Tag::AcceptRetry));
+                // SAFETY: the timespec is boxed in the worker, which outlives
+                // the ring; the kernel reads it at submission.
+                unsafe { self.push(&sqe) };
+            }
         } else if res != -libc::ECANCELED {
             tracing::warn!(
                 "worker {}: accept failed: {}",
@@ -541,6 +576,7 @@ impl Worker {
             backend_addr: None,
             phase: Phase::Connecting,
             spare: [None; 2],
+            drained: [false; 2],
             owed: 0,
             number,
             last_active: self.now,
@@ -706,6 +742,7 @@ impl Worker {
             return;
         };
         let buf = ring_buf.or_else(|| conn.spare[side as usize].take());
+        conn.drained[side as usize] = (res as u32) < self.bufs.recv_len();
         if let (Some(bid), Some(counters)) = (buf.filter(|_| res > 0), &conn.counters) {
             conn.last_active = self.now;
             match side {
@@ -756,18 +793,28 @@ impl Worker {
                 break;
             };
             let sqe = match op {
-                Op::Recv { from, spare: false } => {
-                    opcode::Recv::new(types::Fd(conn.fd(from)), std::ptr::null_mut(), 0)
-                        .buf_group(self.bufs.group())
+                Op::Recv { from, spare } => {
+                    let fd = types::Fd(conn.fd(from));
+                    let recv = if spare {
+                        let bid = self.bufs.take_spare();
+                        conn.spare[from as usize] = Some(bid);
+                        opcode::Recv::new(fd, self.bufs.ptr(bid), self.bufs.recv_len())
+                    } else {
+                        opcode::Recv::new(fd, std::ptr::null_mut(), 0).buf_group(self.bufs.group())
+                    };
+                    let poll_first = if conn.drained[from as usize] {
+                        RECV_POLL_FIRST
+                    } else {
+                        0
+                    };
+                    let flags = if spare {
+                        squeue::Flags::empty()
+                    } else {
+                        squeue::Flags::BUFFER_SELECT
+                    };
+                    recv.ioprio(poll_first)
                         .build()
-                        .flags(squeue::Flags::BUFFER_SELECT)
-                        .user_data(user_data(id, Tag::Recv(from)))
-                }
-                Op::Recv { from, spare: true } => {
-                    let bid = self.bufs.take_spare();
-                    conn.spare[from as usize] = Some(bid);
-                    opcode::Recv::new(types::Fd(conn.fd(from)), self.bufs.ptr(bid), self.bufs.recv_len())
-                        .build()
+                        .flags(flags)
                         .user_data(user_data(id, Tag::Recv(from)))
                 }
                 Op::CancelRecv(side) => {
@@ -885,6 +932,7 @@ mod tests {
             Tag::ConnectTimeout,
             Tag::Cancel,
             Tag::Tick,
+            Tag::AcceptRetry,
         ]
         .into_iter()
         .chain(
