@@ -11,7 +11,7 @@ fn forward_one_chunk(c: &mut Criterion) {
     c.bench_function("proxy: recv + send completion of one chunk", |b| {
         b.iter(|| {
             ops.clear();
-            proxy.on_recv(Side::Client, black_box(1448), Some(7), &mut ops);
+            proxy.on_recv(Side::Client, black_box(1448), Some(7), true, &mut ops);
             proxy.on_send(Side::Backend, black_box(1448), &mut ops);
             debug_assert_eq!(ops.last(), Some(&Op::Release(7)));
             black_box(&ops);

@@ -3,14 +3,18 @@
 //! It knows nothing about rings or sockets, so every path (half-close, back
 //! pressure, a dry buffer ring, errors) is unit-tested without I/O.
 //!
-//! Each direction has at most one receive armed and at most [`MAX_QUEUED`]
-//! chunks held, so a connection never holds more than `2 * MAX_QUEUED`
-//! buffers however slowly its peers read: back pressure is simply not
-//! re-arming the receive.
+//! Each direction has at most one receive armed. While nothing waits to be
+//! sent it is a multishot receive (no re-arm per message, the cheap path for
+//! request/response traffic); once a chunk has to wait behind a send in
+//! flight the multishot is cancelled and the direction receives one chunk at
+//! a time, only while fewer than [`MAX_QUEUED`] chunks wait. So a direction
+//! holds at most `MAX_QUEUED` buffers plus what one multishot burst took
+//! before its cancel landed, however slowly its peer reads.
 //!
 //! Contract with the driver:
 //! - Every `Op::Recv`, `Op::Send` and `Op::Shutdown` the machine emits gets
-//!   exactly one completion fed back through the matching `on_*` method.
+//!   exactly one terminal completion fed back through the matching `on_*`
+//!   method (a multishot receive: every CQE, the last without `more`).
 //! - A buffer named in `on_recv` belongs to the machine until it emits
 //!   `Op::Release` for it; `Op::Send` sends `len` bytes at `offset` of it.
 //! - `Op::Close` comes once, when nothing is in flight: then the driver closes
@@ -40,10 +44,9 @@ pub type BufId = u32;
 /// What the driver must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// Receive once from this side. `spare`: the buffer ring ran dry on the
-    /// last try, so receive into a buffer lent from outside the ring.
-    Recv { from: Side, spare: bool },
-    /// Cancel the receive on this side (only when aborting).
+    /// Receive from this side.
+    Recv { from: Side, mode: RecvMode },
+    /// Cancel the multishot receive on this side (back pressure, abort).
     CancelRecv(Side),
     /// Send bytes `offset..offset + len` of buffer `buf` to this side.
     Send {
@@ -62,6 +65,17 @@ pub enum Op {
     Close,
 }
 
+/// How a receive takes its buffer, and how long it stays armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvMode {
+    /// Buffers from the ring, a completion per chunk, until cancelled.
+    Multishot,
+    /// One chunk into a buffer from the ring.
+    Once,
+    /// One chunk into a spare buffer: the ring ran dry on the last try.
+    Spare,
+}
+
 /// Chunks one direction may hold: one being sent while the next arrives.
 pub const MAX_QUEUED: usize = 2;
 
@@ -69,8 +83,10 @@ pub const MAX_QUEUED: usize = 2;
 enum Recv {
     /// Not armed (the queue is full, or not started).
     Idle,
-    Armed,
-    /// Cancel requested while aborting; the completion is still owed.
+    Armed {
+        multishot: bool,
+    },
+    /// Cancel requested; completions may still arrive until the terminal one.
     Cancelling,
     /// The source sent EOF.
     Eof,
@@ -89,6 +105,9 @@ struct Direction {
     recv: Recv,
     /// The last receive found the buffer ring empty.
     ring_dry: bool,
+    /// A multishot was cancelled for back pressure: receive one chunk at a
+    /// time until the queue has drained.
+    throttled: bool,
     queue: VecDeque<Chunk>,
     sending: bool,
     shutdown_in_flight: bool,
@@ -101,6 +120,7 @@ impl Direction {
         Direction {
             recv: Recv::Idle,
             ring_dry: false,
+            throttled: false,
             queue: VecDeque::with_capacity(MAX_QUEUED),
             sending: false,
             shutdown_in_flight: false,
@@ -110,7 +130,7 @@ impl Direction {
     }
 
     fn in_flight(&self) -> bool {
-        self.sending || self.shutdown_in_flight || matches!(self.recv, Recv::Armed | Recv::Cancelling)
+        self.sending || self.shutdown_in_flight || matches!(self.recv, Recv::Armed { .. } | Recv::Cancelling)
     }
 }
 
@@ -151,10 +171,13 @@ impl Proxy {
     }
 
     /// A receive completion from `source`: `res` bytes into `buf` (res > 0),
-    /// EOF (0) or -errno (`-ENOBUFS`: the buffer ring was empty).
-    pub fn on_recv(&mut self, source: Side, res: i32, buf: Option<BufId>, out: &mut Vec<Op>) {
+    /// EOF (0) or -errno (`-ENOBUFS`: the buffer ring was empty); `more`:
+    /// a multishot receive stays armed after this one.
+    pub fn on_recv(&mut self, source: Side, res: i32, buf: Option<BufId>, more: bool, out: &mut Vec<Op>) {
         let dir = &mut self.dirs[source as usize];
-        dir.recv = Recv::Idle;
+        if !more {
+            dir.recv = Recv::Idle;
+        }
         if let (Some(buf), true) = (buf, res <= 0) {
             // A failed receive may still have taken a buffer: give it back.
             out.push(Op::Release(buf));
@@ -174,6 +197,11 @@ impl Proxy {
                         offset: 0,
                         len: res as u32,
                     });
+                    if dir.recv == (Recv::Armed { multishot: true }) && dir.queue.len() >= MAX_QUEUED {
+                        dir.recv = Recv::Cancelling;
+                        dir.throttled = true;
+                        out.push(Op::CancelRecv(source));
+                    }
                 }
             }
             0 => {
@@ -183,7 +211,7 @@ impl Proxy {
                 }
             }
             e if e == -libc::ENOBUFS => dir.ring_dry = true,
-            e if e == -libc::ECANCELED && self.aborting => {}
+            e if e == -libc::ECANCELED => {}
             _ => return self.abort(out),
         }
         if self.aborting {
@@ -239,7 +267,7 @@ impl Proxy {
         out.push(Op::Abort);
         for source in [Side::Client, Side::Backend] {
             let dir = &mut self.dirs[source as usize];
-            if dir.recv == Recv::Armed {
+            if matches!(dir.recv, Recv::Armed { .. }) {
                 dir.recv = Recv::Cancelling;
                 out.push(Op::CancelRecv(source));
             }
@@ -268,13 +296,22 @@ impl Proxy {
                 });
             }
         }
+        if dir.queue.is_empty() {
+            dir.throttled = false;
+        }
         match dir.recv {
             Recv::Idle if dir.queue.len() < MAX_QUEUED => {
-                dir.recv = Recv::Armed;
-                out.push(Op::Recv {
-                    from: source,
-                    spare: std::mem::take(&mut dir.ring_dry),
-                });
+                let mode = if std::mem::take(&mut dir.ring_dry) {
+                    RecvMode::Spare
+                } else if dir.throttled {
+                    RecvMode::Once
+                } else {
+                    RecvMode::Multishot
+                };
+                dir.recv = Recv::Armed {
+                    multishot: mode == RecvMode::Multishot,
+                };
+                out.push(Op::Recv { from: source, mode });
             }
             Recv::Eof if dir.queue.is_empty() && !dir.shutdown_in_flight && !dir.finished => {
                 dir.shutdown_in_flight = true;
@@ -311,8 +348,12 @@ mod tests {
     use super::*;
     use Side::*;
 
-    fn recv(from: Side) -> Op {
-        Op::Recv { from, spare: false }
+    fn recv(from: Side, mode: RecvMode) -> Op {
+        Op::Recv { from, mode }
+    }
+
+    fn multishot(from: Side) -> Op {
+        recv(from, RecvMode::Multishot)
     }
 
     fn send(to: Side, buf: BufId, offset: u32, len: u32) -> Op {
@@ -323,16 +364,16 @@ mod tests {
         let mut p = Proxy::new(false, false);
         let mut out = Vec::new();
         p.start(&mut out);
-        assert_eq!(out, vec![recv(Client), recv(Backend)]);
+        assert_eq!(out, vec![multishot(Client), multishot(Backend)]);
         out.clear();
         (p, out)
     }
 
     #[test]
-    fn forwards_a_chunk_receives_again_and_releases_the_buffer_after_the_send() {
+    fn forwards_a_chunk_and_releases_its_buffer_after_the_send() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 100, Some(7), &mut out);
-        assert_eq!(out, vec![send(Backend, 7, 0, 100), recv(Client)]);
+        p.on_recv(Client, 100, Some(7), true, &mut out);
+        assert_eq!(out, vec![send(Backend, 7, 0, 100)]);
         out.clear();
         p.on_send(Backend, 100, &mut out);
         assert_eq!(out, vec![Op::Release(7)]);
@@ -340,47 +381,88 @@ mod tests {
     }
 
     #[test]
-    fn one_send_in_flight_per_direction_in_order() {
+    fn a_chunk_waiting_behind_a_send_cancels_the_multishot_and_resumes_one_chunk_at_a_time() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 10, Some(1), &mut out);
+        p.on_recv(Client, 10, Some(1), true, &mut out);
         out.clear();
-        p.on_recv(Client, 20, Some(2), &mut out);
-        assert!(out.is_empty(), "the queue is full: no send, no receive");
+        p.on_recv(Client, 20, Some(2), true, &mut out);
+        assert_eq!(out, vec![Op::CancelRecv(Client)]);
+        out.clear();
+        // Chunks already taken before the cancel landed still arrive, in order.
+        p.on_recv(Client, 30, Some(3), true, &mut out);
+        p.on_recv(Client, -libc::ECANCELED, None, false, &mut out);
+        assert!(out.is_empty());
         p.on_send(Backend, 10, &mut out);
-        assert_eq!(out, vec![Op::Release(1), send(Backend, 2, 0, 20), recv(Client)]);
+        assert_eq!(out, vec![Op::Release(1), send(Backend, 2, 0, 20)]);
+        out.clear();
+        p.on_send(Backend, 20, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Op::Release(2),
+                send(Backend, 3, 0, 30),
+                recv(Client, RecvMode::Once)
+            ]
+        );
+        out.clear();
+        p.on_recv(Client, 40, Some(4), false, &mut out);
+        assert!(out.is_empty(), "two chunks wait: no receive");
+        p.on_send(Backend, 30, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Op::Release(3),
+                send(Backend, 4, 0, 40),
+                recv(Client, RecvMode::Once)
+            ]
+        );
+        out.clear();
+        p.on_send(Backend, 40, &mut out);
+        assert_eq!(out, vec![Op::Release(4)], "the receive in flight stays");
+        out.clear();
+        p.on_recv(Client, -libc::EAGAIN, None, false, &mut out);
+        assert_eq!(out[0], Op::Abort, "a failed receive aborts");
+    }
+
+    #[test]
+    fn a_drained_queue_goes_back_to_multishot() {
+        let (mut p, mut out) = started();
+        p.on_recv(Backend, 5, Some(1), true, &mut out);
+        p.on_recv(Backend, 5, Some(2), true, &mut out);
+        p.on_recv(Backend, -libc::ECANCELED, None, false, &mut out);
+        p.on_send(Client, 5, &mut out);
+        p.on_send(Client, 5, &mut out);
+        out.clear();
+        // The single receive armed while buffer 2 waited completes after
+        // the queue drained: the next one is a multishot again.
+        p.on_recv(Backend, 7, Some(3), false, &mut out);
+        assert_eq!(out, vec![send(Client, 3, 0, 7), multishot(Backend)]);
     }
 
     #[test]
     fn a_short_send_resends_the_rest_of_the_same_buffer() {
         let (mut p, mut out) = started();
-        p.on_recv(Backend, 1000, Some(3), &mut out);
+        p.on_recv(Backend, 1000, Some(3), true, &mut out);
         out.clear();
         p.on_send(Client, 400, &mut out);
         assert_eq!(out, vec![send(Client, 3, 400, 600)]);
     }
 
     #[test]
-    fn a_reader_that_never_reads_pins_at_most_max_queued_buffers_per_direction() {
+    fn a_reader_that_never_reads_stops_the_receives() {
         let (mut p, mut out) = started();
-        let mut held: BufId = 0;
-        loop {
-            out.clear();
-            p.on_recv(Client, 1, Some(held), &mut out);
-            held += 1;
-            if !out.contains(&recv(Client)) {
-                break;
-            }
-            assert!(held < 100, "the receive never stopped");
-        }
-        assert_eq!(held as usize, MAX_QUEUED);
+        p.on_recv(Client, 1, Some(0), true, &mut out);
+        p.on_recv(Client, 1, Some(1), true, &mut out);
+        p.on_recv(Client, -libc::ECANCELED, None, false, &mut out);
+        assert!(!out.iter().any(|op| matches!(op, Op::Recv { .. })), "{out:?}");
     }
 
     #[test]
     fn eof_becomes_shutdown_after_the_queue_drains_and_both_eofs_close() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 5, Some(1), &mut out);
+        p.on_recv(Client, 5, Some(1), true, &mut out);
         out.clear();
-        p.on_recv(Client, 0, None, &mut out);
+        p.on_recv(Client, 0, None, false, &mut out);
         assert!(out.is_empty(), "the send of buffer 1 is still in flight");
         p.on_send(Backend, 5, &mut out);
         assert_eq!(out, vec![Op::Release(1), Op::Shutdown(Backend)]);
@@ -391,17 +473,12 @@ mod tests {
             "the backend may still answer after the client's EOF"
         );
         // The backend answers, then closes: nothing may be lost.
-        p.on_recv(Backend, 9, Some(4), &mut out);
-        p.on_recv(Backend, 0, None, &mut out);
+        p.on_recv(Backend, 9, Some(4), true, &mut out);
+        p.on_recv(Backend, 0, None, false, &mut out);
         p.on_send(Client, 9, &mut out);
         assert_eq!(
             out,
-            vec![
-                send(Client, 4, 0, 9),
-                recv(Backend),
-                Op::Release(4),
-                Op::Shutdown(Client)
-            ]
+            vec![send(Client, 4, 0, 9), Op::Release(4), Op::Shutdown(Client)]
         );
         out.clear();
         p.on_shutdown(Client, 0, &mut out);
@@ -412,26 +489,21 @@ mod tests {
     #[test]
     fn a_dry_ring_asks_for_a_spare_buffer_once() {
         let (mut p, mut out) = started();
-        p.on_recv(Backend, -libc::ENOBUFS, None, &mut out);
-        assert_eq!(
-            out,
-            vec![Op::Recv {
-                from: Backend,
-                spare: true
-            }]
-        );
+        p.on_recv(Backend, -libc::ENOBUFS, None, false, &mut out);
+        assert_eq!(out, vec![recv(Backend, RecvMode::Spare)]);
         out.clear();
-        p.on_recv(Backend, 8, Some(300), &mut out);
-        assert_eq!(out, vec![send(Client, 300, 0, 8), recv(Backend)]);
+        p.on_recv(Backend, 8, Some(300), false, &mut out);
+        assert_eq!(out, vec![send(Client, 300, 0, 8), multishot(Backend)]);
     }
 
     #[test]
     fn a_reset_aborts_releases_everything_and_closes_when_idle() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 10, Some(1), &mut out);
-        p.on_recv(Client, 10, Some(2), &mut out);
+        p.on_recv(Client, 10, Some(1), true, &mut out);
+        p.on_recv(Client, 10, Some(2), true, &mut out);
+        p.on_recv(Client, -libc::ECANCELED, None, false, &mut out);
         out.clear();
-        p.on_recv(Backend, -libc::ECONNRESET, None, &mut out);
+        p.on_recv(Backend, -libc::ECONNRESET, None, false, &mut out);
         assert_eq!(out, vec![Op::Abort, Op::Release(2)]);
         out.clear();
         p.on_send(Backend, -libc::EPIPE, &mut out);
@@ -447,10 +519,10 @@ mod tests {
             vec![Op::Abort, Op::CancelRecv(Client), Op::CancelRecv(Backend)]
         );
         out.clear();
-        p.on_recv(Client, 10, Some(5), &mut out);
+        p.on_recv(Client, 10, Some(5), false, &mut out);
         assert_eq!(out, vec![Op::Release(5)]);
         out.clear();
-        p.on_recv(Backend, -libc::ECANCELED, None, &mut out);
+        p.on_recv(Backend, -libc::ECANCELED, None, false, &mut out);
         assert_eq!(out, vec![Op::Close]);
     }
 
@@ -460,22 +532,22 @@ mod tests {
         let mut out = Vec::new();
         p.start(&mut out);
         out.clear();
-        p.on_recv(Client, 0, None, &mut out);
+        p.on_recv(Client, 0, None, false, &mut out);
         assert!(!out.contains(&Op::Abort), "a client EOF is still a half-close");
         out.clear();
-        p.on_recv(Backend, 0, None, &mut out);
+        p.on_recv(Backend, 0, None, false, &mut out);
         assert_eq!(out[0], Op::Abort);
     }
 
     #[test]
     fn a_failed_send_aborts() {
         let (mut p, mut out) = started();
-        p.on_recv(Client, 10, Some(1), &mut out);
+        p.on_recv(Client, 10, Some(1), true, &mut out);
         out.clear();
         p.on_send(Backend, -libc::EPIPE, &mut out);
         assert_eq!(out[0], Op::Abort);
-        p.on_recv(Client, -libc::ECANCELED, None, &mut out);
-        p.on_recv(Backend, -libc::ECANCELED, None, &mut out);
+        p.on_recv(Client, -libc::ECANCELED, None, false, &mut out);
+        p.on_recv(Backend, -libc::ECANCELED, None, false, &mut out);
         assert_eq!(out.last(), Some(&Op::Close));
         assert!(out.contains(&Op::Release(1)));
     }

@@ -15,7 +15,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::buffers::Buffers;
-use super::proxy::{BufId, Op, Proxy, Side};
+use super::proxy::{BufId, Op, Proxy, RecvMode, Side};
 use super::{http, ring, ConnInfo, Shared, WorkerRequest};
 use crate::control::state::FastClose;
 use crate::control::ControlEvent;
@@ -773,7 +773,7 @@ impl Worker {
             }
             return;
         };
-        proxy.on_recv(side, res, buf, &mut self.ops);
+        proxy.on_recv(side, res, buf, cqueue::more(flags), &mut self.ops);
         self.apply(id);
     }
 
@@ -793,29 +793,29 @@ impl Worker {
                 break;
             };
             let sqe = match op {
-                Op::Recv { from, spare } => {
+                Op::Recv { from, mode } => {
                     let fd = types::Fd(conn.fd(from));
-                    let recv = if spare {
-                        let bid = self.bufs.take_spare();
-                        conn.spare[from as usize] = Some(bid);
-                        opcode::Recv::new(fd, self.bufs.ptr(bid), self.bufs.recv_len())
-                    } else {
-                        opcode::Recv::new(fd, std::ptr::null_mut(), 0).buf_group(self.bufs.group())
-                    };
                     let poll_first = if conn.drained[from as usize] {
                         RECV_POLL_FIRST
                     } else {
                         0
                     };
-                    let flags = if spare {
-                        squeue::Flags::empty()
-                    } else {
-                        squeue::Flags::BUFFER_SELECT
+                    let recv = match mode {
+                        RecvMode::Multishot => opcode::RecvMulti::new(fd, self.bufs.group()).build(),
+                        RecvMode::Once => opcode::Recv::new(fd, std::ptr::null_mut(), 0)
+                            .buf_group(self.bufs.group())
+                            .ioprio(poll_first)
+                            .build()
+                            .flags(squeue::Flags::BUFFER_SELECT),
+                        RecvMode::Spare => {
+                            let bid = self.bufs.take_spare();
+                            conn.spare[from as usize] = Some(bid);
+                            opcode::Recv::new(fd, self.bufs.ptr(bid), self.bufs.recv_len())
+                                .ioprio(poll_first)
+                                .build()
+                        }
                     };
-                    recv.ioprio(poll_first)
-                        .build()
-                        .flags(flags)
-                        .user_data(user_data(id, Tag::Recv(from)))
+                    recv.user_data(user_data(id, Tag::Recv(from)))
                 }
                 Op::CancelRecv(side) => {
                     conn.owed += 1;
