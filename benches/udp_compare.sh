@@ -54,24 +54,16 @@ RETRIES=${RETRIES:-2}
 QUIET_WAIT=${QUIET_WAIT:-60}
 RINGPEN=${RINGPEN:-target/release/ringpen}
 PEN=${PEN:-/usr/bin/pen}
-BAL_CPU=0
-LOAD_CPU=1
+BENCH=udp_compare
+# shellcheck source=benches/lib.sh
+. benches/lib.sh # BAL_CPU LOAD_CPU die need_* check_ringpen port_free wait_listen wait_quiet started stop_pid stop_all
 
-die() { echo "udp_compare: $*" >&2; exit 1; }
-
-[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (balancer on CPU $BAL_CPU, load on CPU $LOAD_CPU)"
-for tool in taskset gcc python3 ss pgrep; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
+need_cpus
+need_tools taskset gcc python3 ss pgrep
 [ -x "$PEN" ] || die "$PEN not found (apt-get install pen)"
-if [ ! -x "$RINGPEN" ]; then
-    echo "building ringpen (cargo build --release)..." >&2
-    cargo build --release >&2
-fi
-newest_src=$(find src Cargo.toml -newer "$RINGPEN" -type f 2>/dev/null | head -1)
-[ -z "$newest_src" ] || echo "warning: $newest_src is newer than $RINGPEN (run cargo build --release?)" >&2
+check_ringpen "$RINGPEN"
 for port in "$LPORT" "$BPORT"; do
-    [ -z "$(ss -Huln "sport = :$port")" ] || die "UDP port $port is in use (set LPORT/BPORT)"
+    port_free udp "$port" || die "UDP port $port is in use (set LPORT/BPORT)"
 done
 
 TMP=$(mktemp -d /tmp/udp_compare.XXXXXX)
@@ -82,12 +74,8 @@ gcc -O2 -Wall -o "$TMP/udpload" benches/udpload.c || die "cannot compile benches
 KSOFT0=$(pgrep -x "ksoftirqd/$BAL_CPU" || echo 0)
 KSOFT1=$(pgrep -x "ksoftirqd/$LOAD_CPU" || echo 0)
 
-BACKEND_PID=
-BAL_PID=
 cleanup() {
-    [ -z "$BAL_PID" ] || kill -KILL "$BAL_PID" 2>/dev/null || true
-    [ -z "$BACKEND_PID" ] || kill -TERM "$BACKEND_PID" 2>/dev/null || true
-    wait 2>/dev/null || true
+    stop_all
     [ -n "${KEEP_TMP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -95,45 +83,8 @@ trap 'exit 130' INT TERM
 
 taskset -c "$LOAD_CPU" "$TMP/udpload" echo "$BPORT" 127.0.0.1 &
 BACKEND_PID=$!
-
-wait_bound() { # port pid: until something listens on UDP port, or pid dies
-    for _ in $(seq 100); do
-        [ -z "$(ss -Huln "sport = :$1")" ] || return 0
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.05
-    done
-    return 1
-}
-wait_bound "$BPORT" "$BACKEND_PID" || die "echo backend did not start"
-
-# Until CPUs BAL_CPU and LOAD_CPU are both under 10% busy over 0.5 s.
-wait_quiet() {
-    python3 - "$BAL_CPU" "$LOAD_CPU" "$QUIET_WAIT" <<'EOF'
-import sys, time
-cpus, limit = [f"cpu{c}" for c in sys.argv[1:3]], float(sys.argv[3])
-def stat():
-    out = {}
-    for line in open("/proc/stat"):
-        f = line.split()
-        if f[0] in cpus:
-            v = list(map(int, f[1:9]))
-            out[f[0]] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7], v[3] + v[4])
-    return out
-start, said = time.time(), False
-while True:
-    a = stat(); time.sleep(0.5); b = stat()
-    busy = {c: (b[c][0] - a[c][0]) / max(1, (b[c][0] - a[c][0]) + (b[c][1] - a[c][1])) for c in cpus}
-    if max(busy.values()) < 0.10:
-        break
-    if time.time() - start > limit:
-        print(f"  (CPUs still busy after {limit:.0f} s: {busy}; measuring anyway)", file=sys.stderr)
-        break
-    if not said:
-        print(f"  (waiting for quiet CPUs: {', '.join(f'{c} {100 * x:.0f}%' for c, x in busy.items())})",
-              file=sys.stderr)
-        said = True
-EOF
-}
+started "$BACKEND_PID"
+wait_listen udp "$BPORT" "$BACKEND_PID" || die "echo backend did not start"
 
 # Kernel UDP counters and per-socket drops (/proc/net/udp), as JSON.
 snapshot() {
@@ -173,8 +124,8 @@ run_one() { # kind round attempt
         # shellcheck disable=SC2086
         taskset -c "$BAL_CPU" $cmd >"$log" 2>&1 &
         pid=$!
-        BAL_PID=$pid
-        wait_bound "$LPORT" "$pid" || status=did_not_start
+        started "$pid"
+        wait_listen udp "$LPORT" "$pid" || status=did_not_start
         target=127.0.0.1:$LPORT
     else
         target=127.0.0.1:$BPORT
@@ -189,18 +140,13 @@ run_one() { # kind round attempt
     fi
     after=$(snapshot)
     if [ -n "$pid" ]; then
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid"
-            for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-            if kill -0 "$pid" 2>/dev/null; then
-                status=ignored_sigterm
-                kill -KILL "$pid"
-            fi
-        elif [ "$status" = alive ]; then
+        stop_pid "$pid"
+        exit_code=$STOP_EXIT
+        if [ "$STOP_STATUS" = ignored_sigterm ]; then
+            status=ignored_sigterm
+        elif [ "$STOP_STATUS" = gone ] && [ "$status" = alive ]; then
             status=died_during_load
         fi
-        if wait "$pid" 2>/dev/null; then exit_code=0; else exit_code=$?; fi
-        BAL_PID=
     fi
     python3 - "$kind" "$round" "$attempt" "$status" "$exit_code" "$cmd" "$log" \
         "$before" "$after" "$load" "$BAL_CPU" "$LOAD_CPU" "$RESULTS" <<'EOF'

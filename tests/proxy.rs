@@ -135,8 +135,9 @@ fn flood_or_echo() -> Backend {
 
 #[test]
 fn clients_that_never_read_do_not_stall_the_others() {
-    // Each client that does not read pins two buffers of the worker's ring
-    // of 256 (one being sent, one received): the last ones run on spares.
+    // Each client that does not read pins at least two buffers of the
+    // worker's ring of 256 (one being sent, the next one received): the ring
+    // runs dry and the last ones receive into spares.
     const FLOODED: usize = 140;
     let backend = flood_or_echo();
     let balancer = Balancer::start(&["--workers", "1"], &[backend.spec()]);
