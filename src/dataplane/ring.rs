@@ -117,7 +117,6 @@ fn check_opcodes(ring: &IoUring) -> Result<(), RingError> {
         (opcode::Connect::CODE, "connect"),
         (opcode::RecvMulti::CODE, "recv"),
         (opcode::Send::CODE, "send"),
-        (opcode::Shutdown::CODE, "shutdown"),
         (opcode::LinkTimeout::CODE, "linked timeouts"),
         (opcode::AsyncCancel::CODE, "cancel"),
         (opcode::Read::CODE, "read"),

@@ -50,7 +50,6 @@ enum Tag {
     AcceptRetry,
     Recv(Side),
     Send(Side),
-    Shutdown(Side),
 }
 
 impl Tag {
@@ -63,7 +62,6 @@ impl Tag {
             Tag::Cancel => 5,
             Tag::Recv(side) => 6 + side as u8,
             Tag::Send(side) => 8 + side as u8,
-            Tag::Shutdown(side) => 10 + side as u8,
             Tag::Tick => 12,
             Tag::AcceptRetry => 13,
         }
@@ -79,7 +77,6 @@ impl Tag {
             5 => Tag::Cancel,
             6 | 7 => Tag::Recv(side),
             8 | 9 => Tag::Send(side),
-            10 | 11 => Tag::Shutdown(side),
             12 => Tag::Tick,
             13 => Tag::AcceptRetry,
             _ => return None,
@@ -342,7 +339,6 @@ impl Worker {
                 }
                 self.drive(conn, |p, out| p.on_send(to, res, out))
             }
-            Tag::Shutdown(side) => self.drive(conn, |p, out| p.on_shutdown(side, res, out)),
         }
     }
 
@@ -788,6 +784,8 @@ impl Worker {
     /// Turns the proxy machine's operations into submissions.
     fn apply(&mut self, id: u32) {
         let mut ops = std::mem::take(&mut self.ops);
+        // Results of shutdowns done in this call, by side, fed back after.
+        let mut shutdowns: [Option<i32>; 2] = [None; 2];
         for op in ops.drain(..) {
             let Some(conn) = self.conns[id as usize].as_deref_mut() else {
                 break;
@@ -830,9 +828,22 @@ impl Worker {
                         .build()
                         .user_data(user_data(id, Tag::Send(to)))
                 }
-                Op::Shutdown(side) => opcode::Shutdown::new(types::Fd(conn.fd(side)), libc::SHUT_WR)
-                    .build()
-                    .user_data(user_data(id, Tag::Shutdown(side))),
+                Op::Shutdown(side) => {
+                    // Done here rather than as IORING_OP_SHUTDOWN, which the
+                    // kernel always hands to an io-wq thread: a FIN is only
+                    // queued, so the call never blocks.
+                    let socket = match side {
+                        Side::Client => Some(&conn.client),
+                        Side::Backend => conn.backend.as_ref(),
+                    };
+                    let res = match socket.map(|s| s.shutdown(std::net::Shutdown::Write)) {
+                        Some(Ok(())) => 0,
+                        Some(Err(e)) => -e.raw_os_error().unwrap_or(libc::EIO),
+                        None => -libc::EBADF,
+                    };
+                    shutdowns[side as usize] = Some(res);
+                    continue;
+                }
                 Op::Release(buf) => {
                     self.bufs.release(buf);
                     continue;
@@ -855,6 +866,11 @@ impl Worker {
             unsafe { self.push(&sqe) };
         }
         self.ops = ops;
+        for side in [Side::Client, Side::Backend] {
+            if let Some(res) = shutdowns[side as usize] {
+                self.drive(id, |p, out| p.on_shutdown(side, res, out));
+            }
+        }
         if self.conns[id as usize].as_deref().is_some_and(Conn::finished) {
             self.release(id);
         }
@@ -935,11 +951,7 @@ mod tests {
             Tag::AcceptRetry,
         ]
         .into_iter()
-        .chain(
-            sides
-                .into_iter()
-                .flat_map(|s| [Tag::Recv(s), Tag::Send(s), Tag::Shutdown(s)]),
-        );
+        .chain(sides.into_iter().flat_map(|s| [Tag::Recv(s), Tag::Send(s)]));
         for tag in tags {
             let ud = user_data(123_456, tag);
             assert_eq!((ud >> 8, Tag::decode(ud as u8)), (123_456, Some(tag)));
