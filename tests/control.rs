@@ -428,6 +428,56 @@ fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
 }
 
 #[test]
+fn a_server_checked_up_again_is_no_longer_blacklisted() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let b_addr = b.addr;
+    let ctl = ControlPort::new();
+    let opts = [
+        "-u",
+        "root",
+        "-r",
+        "-b",
+        "60",
+        "-C",
+        &ctl.addr(),
+        "--check",
+        "tcp",
+        "--check-interval",
+        "0.2",
+        "--rise",
+        "2",
+        "--fall",
+        "2",
+    ];
+    let lb = Balancer::start(&opts, &[a.spec(), b.spec()]);
+    let health = || penctl(&ctl.addr(), "health");
+    wait_until("both servers up", || health().matches("health up").count() == 2);
+
+    // A client sent to the dead server fails over and blacklists it for 60 s.
+    drop(b);
+    for octet in 2..4 {
+        assert_eq!(lb.ask(octet), "A");
+    }
+    lb.wait_for_stderr("blacklisting");
+    wait_until("server 1 down", || {
+        health()
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with("health down"))
+    });
+
+    // Back, and checked up: the check is newer news than the failed connect.
+    let _b_again = Backend::named_at("B", b_addr);
+    wait_until("server 1 back up", || health().matches("health up").count() == 2);
+    let answers: Vec<String> = (10..14).map(|octet| lb.ask(octet)).collect();
+    assert!(
+        answers.iter().any(|a| a == "B"),
+        "B takes clients again well before its 60 s blacklist ends: {answers:?}"
+    );
+}
+
+#[test]
 fn the_status_page_is_written_on_sigusr1_and_returned_by_status() {
     let a = Backend::named("A");
     let dir = TempDir::new();

@@ -135,6 +135,11 @@ impl Control {
             report.reason.map(|r| format!(": {r}")).unwrap_or_default()
         );
         conf.health = report.health;
+        if report.health == state::Health::Up {
+            // The check is newer news than the connect that failed: a server
+            // checked up again takes clients at once, not when `-b` ends.
+            conf.status = 0;
+        }
         self.publish();
         let close = self
             .health
