@@ -67,15 +67,20 @@ def cpu_stat():
     return out
 
 
-def proc_ticks(pid):
-    """utime+stime of a whole process (all its threads), in clock ticks, or None."""
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             s = f.read()
     except OSError:
         return None
-    fields = s[s.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
+    return s[s.rindex(")") + 2:].split()
+
+
+def proc_ticks(pid):
+    """utime+stime of a whole process (all its threads), in clock ticks, or None."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[11]) + int(fields[12])
 
 
 TCP_COUNTERS = ("TcpExt:ListenOverflows", "TcpExt:ListenDrops", "TcpExt:TCPTimeWaitOverflow",
@@ -122,12 +127,8 @@ def pss_kib(pid):
 
 def alive(pid):
     """True when pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return False
-    return s[s.rindex(")") + 2] not in "ZX"
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in "ZX"
 
 
 def median(xs):

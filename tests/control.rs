@@ -375,18 +375,17 @@ fn close_and_idle_timeout_end_connections() {
     );
 }
 
-#[test]
-fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
-    let a = Backend::named("A");
-    let b = Backend::named("B");
-    let b_addr = b.addr;
+/// A balancer over `a` and `b` with fast TCP checks (every 0.2 s, rise and
+/// fall 2) and a control port, once both servers are checked up.
+fn tcp_checked(a: &Backend, b: &Backend, extra: &[&str]) -> (Balancer, ControlPort) {
     let ctl = ControlPort::new();
-    let opts = [
+    let ctl_addr = ctl.addr();
+    let mut opts = vec![
         "-u",
         "root",
         "-r",
         "-C",
-        &ctl.addr(),
+        &ctl_addr,
         "--check",
         "tcp",
         "--check-interval",
@@ -396,18 +395,32 @@ fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
         "--fall",
         "2",
     ];
+    opts.extend_from_slice(extra);
     let lb = Balancer::start(&opts, &[a.spec(), b.spec()]);
+    wait_until("both servers up", || {
+        penctl(&ctl_addr, "health").matches("health up").count() == 2
+    });
+    (lb, ctl)
+}
+
+fn server_1_down(ctl: &ControlPort) -> bool {
+    penctl(&ctl.addr(), "health")
+        .lines()
+        .nth(1)
+        .is_some_and(|l| l.ends_with("health down"))
+}
+
+#[test]
+fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let b_addr = b.addr;
+    let (lb, ctl) = tcp_checked(&a, &b, &[]);
     let health = || penctl(&ctl.addr(), "health");
-    wait_until("both servers up", || health().matches("health up").count() == 2);
 
     drop(b);
     let gone = Instant::now();
-    wait_until("server 1 down", || {
-        health()
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.ends_with("health down"))
-    });
+    wait_until("server 1 down", || server_1_down(&ctl));
     // interval x fall, plus a check timeout's worth of slack.
     assert!(
         gone.elapsed() < Duration::from_secs(3),
@@ -432,27 +445,8 @@ fn a_server_checked_up_again_is_no_longer_blacklisted() {
     let a = Backend::named("A");
     let b = Backend::named("B");
     let b_addr = b.addr;
-    let ctl = ControlPort::new();
-    let opts = [
-        "-u",
-        "root",
-        "-r",
-        "-b",
-        "60",
-        "-C",
-        &ctl.addr(),
-        "--check",
-        "tcp",
-        "--check-interval",
-        "0.2",
-        "--rise",
-        "2",
-        "--fall",
-        "2",
-    ];
-    let lb = Balancer::start(&opts, &[a.spec(), b.spec()]);
+    let (lb, ctl) = tcp_checked(&a, &b, &["-b", "60"]);
     let health = || penctl(&ctl.addr(), "health");
-    wait_until("both servers up", || health().matches("health up").count() == 2);
 
     // A client sent to the dead server fails over and blacklists it for 60 s.
     drop(b);
@@ -460,12 +454,7 @@ fn a_server_checked_up_again_is_no_longer_blacklisted() {
         assert_eq!(lb.ask(octet), "A");
     }
     lb.wait_for_stderr("blacklisting");
-    wait_until("server 1 down", || {
-        health()
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.ends_with("health down"))
-    });
+    wait_until("server 1 down", || server_1_down(&ctl));
 
     // Back, and checked up: the check is newer news than the failed connect.
     let _b_again = Backend::named_at("B", b_addr);

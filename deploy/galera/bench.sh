@@ -103,20 +103,11 @@ trap 'exit 130' INT TERM
     echo "param_table_size=$TABLE_SIZE"
     echo "param_paths=$PATHS"
     echo "param_workloads=$WORKLOADS"
-    echo "param_balancer_cpu=$BAL_CPU"
-    echo "param_ringpen_workers=$RINGPEN_WORKERS"
-    echo "param_ringpen_extra=$RINGPEN_EXTRA"
-    echo "param_check_interval_s=$CHECK_INTERVAL"
-    echo "param_bucket_ms=$BUCKET_MS"
-    echo "param_quiet_max=${QUIET_MAX:-0.15}"
+    balancer_params_env
     echo "param_pinning=balancer on CPU $BAL_CPU (taskset); mariadbd x3 and sysbench unpinned"
     versions_env
-    for p in $PATHS; do
-        case "$p" in direct | direct-all) continue ;; esac
-        mkdir -p "$WORK/cmd-$p"
-        echo "cmd_$p=$(balancer_cmd "$p" "$WORK/cmd-$p" | tr '\n' ' ')"
-        [ ! -f "$WORK/cmd-$p/haproxy.cfg" ] || echo "cmd_${p}_cfg=$(tr '\n' ';' <"$WORK/cmd-$p/haproxy.cfg")"
-    done
+    # shellcheck disable=SC2086 # PATHS is a word list
+    balancer_cmds_env $PATHS
 } >"$WORK/env.txt"
 
 node_questions() {

@@ -129,20 +129,12 @@ trap 'exit 130' INT TERM
     echo "param_threads=$THREADS"
     echo "param_hang_s=$HANG_S"
     echo "param_probes=$PROBES"
-    echo "param_balancer_cpu=$BAL_CPU"
-    echo "param_ringpen_workers=$RINGPEN_WORKERS"
-    echo "param_ringpen_extra=$RINGPEN_EXTRA"
-    echo "param_check_interval_s=$CHECK_INTERVAL"
-    echo "param_bucket_ms=$BUCKET_MS"
-    echo "param_quiet_max=${QUIET_MAX:-0.15}"
+    balancer_params_env
     echo "param_fail_sleep_ms=10"
     echo "param_workload=conn_per_trx.lua: connect, BEGIN, 2 point selects,$([ "$WRITE" = 1 ] && echo ' 1 UPDATE,') COMMIT, disconnect"
     versions_env
-    for p in $PATHS; do
-        mkdir -p "$WORK/cmd-$p"
-        echo "cmd_$p=$(balancer_cmd "$p" "$WORK/cmd-$p" | tr '\n' ' ')"
-        [ ! -f "$WORK/cmd-$p/haproxy.cfg" ] || echo "cmd_${p}_cfg=$(tr '\n' ';' <"$WORK/cmd-$p/haproxy.cfg")"
-    done
+    # shellcheck disable=SC2086 # PATHS is a word list
+    balancer_cmds_env $PATHS
 } >"$WORK/env.txt"
 
 # Sleeps until the wall clock reaches $1 (ms since the epoch).

@@ -324,6 +324,28 @@ versions_env() {
     echo "version_sysbench=$(sysbench --version 2>/dev/null | awk '{print $2}')"
 }
 
+# The knobs both runs share, key=value lines for env.txt.
+balancer_params_env() {
+    echo "param_balancer_cpu=$BAL_CPU"
+    echo "param_ringpen_workers=$RINGPEN_WORKERS"
+    echo "param_ringpen_extra=$RINGPEN_EXTRA"
+    echo "param_check_interval_s=$CHECK_INTERVAL"
+    echo "param_bucket_ms=$BUCKET_MS"
+    echo "param_quiet_max=${QUIET_MAX:-0.15}"
+}
+
+# The command line (and HAProxy configuration) of each balancer path in
+# "$@", key=value lines for env.txt; WORK is the run's directory.
+balancer_cmds_env() {
+    local p
+    for p in "$@"; do
+        case "$p" in direct | direct-all) continue ;; esac
+        mkdir -p "$WORK/cmd-$p"
+        echo "cmd_$p=$(balancer_cmd "$p" "$WORK/cmd-$p" | tr '\n' ' ')"
+        [ ! -f "$WORK/cmd-$p/haproxy.cfg" ] || echo "cmd_${p}_cfg=$(tr '\n' ';' <"$WORK/cmd-$p/haproxy.cfg")"
+    done
+}
+
 ensure_ringpen() {
     if [ ! -x "$RINGPEN" ]; then
         log "building ringpen (cargo build --release)"

@@ -150,6 +150,22 @@ def machine():
     return info
 
 
+
+def write_doc(out_json, kind, env, versions, params, commands, **rest):
+    """Writes one results file: what ran, where, with which versions, then `rest`."""
+    doc = {
+        "date": env.get("date"),
+        "kind": kind,
+        "machine": machine(),
+        "versions": versions,
+        "params": params,
+        "commands": commands,
+        **rest,
+    }
+    with open(out_json, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
 def env_section(env):
     versions = {k[len("version_"):]: v for k, v in env.items() if k.startswith("version_")}
     params = {k[len("param_"):]: num(v, v) for k, v in env.items() if k.startswith("param_")}
@@ -227,19 +243,7 @@ def bench(workdir, out_json):
             if direct.get("p95_ms_median") and s["p95_ms_median"] is not None:
                 s["p95_ratio_to_direct"] = round(s["p95_ms_median"] / direct["p95_ms_median"], 3)
 
-    doc = {
-        "date": env.get("date"),
-        "kind": "galera-bench",
-        "machine": machine(),
-        "versions": versions,
-        "params": params,
-        "commands": commands,
-        "summary": summary,
-        "runs": runs,
-    }
-    with open(out_json, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    write_doc(out_json, "galera-bench", env, versions, params, commands, summary=summary, runs=runs)
 
     # Markdown
     print(f"Medians of {params.get('rounds')} round(s) of {params.get('time_s')} s "
@@ -375,18 +379,7 @@ def failover(workdir, out_json):
         results.append(r)
 
     results.sort(key=lambda r: r.get("start_ms", 0))
-    doc = {
-        "date": env.get("date"),
-        "kind": "galera-failover",
-        "machine": machine(),
-        "versions": versions,
-        "params": params,
-        "commands": commands,
-        "runs": results,
-    }
-    with open(out_json, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    write_doc(out_json, "galera-failover", env, versions, params, commands, runs=results)
 
     rejoin = params.get("rejoin_at_s", 0)
     print(f"Connection-per-transaction load ({params.get('threads')} threads, {params.get('duration_s')} s"

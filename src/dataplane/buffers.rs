@@ -82,7 +82,8 @@ impl Buffers {
     }
 
     /// Spares lent out right now.
-    pub fn spares_in_use(&self) -> usize {
+    #[cfg(test)]
+    fn spares_in_use(&self) -> usize {
         self.spares.len() - self.idle.len() - self.vacant.len()
     }
 

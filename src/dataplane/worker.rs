@@ -730,7 +730,7 @@ impl Worker {
 
     fn on_recv(&mut self, id: u32, side: Side, mut res: i32, flags: u32) {
         let ring_buf = cqueue::buffer_select(flags).map(|bid| self.bufs.lent(bid));
-        let shared = self.shared.clone();
+        let log = &self.shared.log;
         let Some(conn) = self.conns[id as usize].as_deref_mut() else {
             if let Some(bid) = ring_buf {
                 self.bufs.release(bid);
@@ -750,11 +750,9 @@ impl Worker {
                         let whole = unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr(bid), size) };
                         res = http::add_forwarded_for(whole, res as usize, conn.client_ip) as i32;
                     }
-                    if shared.log.is_enabled() {
+                    if log.is_enabled() {
                         let chunk = self.bufs.bytes(bid, res as u32);
-                        shared
-                            .log
-                            .log(&mut self.log_line, &conn.client_text, &conn.server_text, chunk);
+                        log.log(&mut self.log_line, &conn.client_text, &conn.server_text, chunk);
                     }
                     counters.sent.fetch_add(res as u64, Ordering::Relaxed);
                 }
