@@ -148,6 +148,10 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         process::become_user(user)?;
     }
 
+    // After daemonizing (a fork copies only the descriptors in use) and
+    // before the threads start.
+    process::reserve_descriptors_or_warn(state.conn_max);
+
     let mut counters = CounterBank::default();
     let table = RoutingTable::build(&state, &mut counters, 0);
     let (control_tx, control_rx) = control::channel();

@@ -1,10 +1,15 @@
 //! Process-level operations Pen users rely on: daemonizing, the pid file,
-//! and giving up root (`-j` chroot, `-u` user) once the sockets are bound.
+//! giving up root (`-j` chroot, `-u` user) once the sockets are bound, and
+//! room for the descriptors `-x` connections need.
 
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::{self, User};
 
@@ -56,6 +61,55 @@ pub fn become_user(user: &User) -> anyhow::Result<()> {
     unistd::setgid(user.gid).with_context(|| format!("-u: cannot set group id {}", user.gid))?;
     unistd::setuid(user.uid).with_context(|| format!("-u: cannot set user id {}", user.uid))?;
     Ok(())
+}
+
+/// Descriptors the data plane may hold with `conn_max` connections: two
+/// per proxied connection, plus a margin for listeners, rings, health
+/// checks and logs.
+pub fn descriptors_for(conn_max: usize) -> u64 {
+    2 * conn_max as u64 + 256
+}
+
+/// Makes room for `-x` connections' descriptors now, and returns how many
+/// the process may open.
+///
+/// The open-files soft limit is raised towards what `-x` needs (never past
+/// the hard limit), as HAProxy does, so `-x` means what it says.
+///
+/// The descriptor table is grown now, once, rather than by accepts under
+/// load: the kernel grows a multi-threaded process's table behind an RCU
+/// grace period (10–20 ms on a small VM), no accept completes meanwhile, a
+/// burst of connects overflows the listen queue and every dropped SYN waits
+/// a whole second for its retransmission.
+pub fn reserve_descriptors(conn_max: usize) -> anyhow::Result<u64> {
+    let needed = descriptors_for(conn_max);
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-files limit")?;
+    let limit = needed.min(hard).max(soft);
+    if limit > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, limit, hard)
+            .with_context(|| format!("cannot raise the open-files limit from {soft} to {limit}"))?;
+    }
+    let usable = needed.min(limit);
+    // The lowest free descriptor at or above `usable - 1`: the table grows
+    // to hold it and never shrinks.
+    let probe = UnixDatagram::unbound().context("cannot open a socket to grow the descriptor table")?;
+    let top = fcntl(probe.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(usable as i32 - 1))
+        .with_context(|| format!("cannot grow the descriptor table to {usable}"))?;
+    let _ = unistd::close(top);
+    Ok(limit)
+}
+
+/// [`reserve_descriptors`], saying in the log when the hard limit leaves
+/// less than `-x` needs or the reservation fails.
+pub fn reserve_descriptors_or_warn(conn_max: usize) {
+    match reserve_descriptors(conn_max) {
+        Ok(limit) if limit < descriptors_for(conn_max) => tracing::warn!(
+            "the open-files hard limit {limit} allows about {} connections, fewer than -x {conn_max}; raise it (ulimit -Hn) to use them all",
+            limit.saturating_sub(256) / 2
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e:#}"),
+    }
 }
 
 /// Makes `path` absolute against the current directory, so daemonizing or

@@ -32,6 +32,70 @@ fn dash_x_holds_back_a_third_concurrent_client_until_one_closes() {
     assert_eq!(read_line(&mut third).unwrap(), "S0", "served once a slot is free");
 }
 
+/// The soft and hard open-files limits of `pid` ("self" for the tests,
+/// whose hard limit the balancer inherits).
+fn open_files_limits(pid: &str) -> (u64, u64) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .expect("Max open files in /proc/PID/limits");
+    let mut numbers = line.split_whitespace().map(|n| n.parse().expect("a number"));
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// The soft open-files limit and the descriptor table size of `pid`.
+fn descriptor_room(pid: &str) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let table = status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("FDSize in /proc/PID/status");
+    (open_files_limits(pid).0, table)
+}
+
+/// `-x` has its descriptors from the start: two per connection, within the
+/// hard limit. Growing the table later, under a burst of accepts, would
+/// stall every accept for an RCU grace period and overflow the listen queue.
+#[test]
+fn dash_x_and_conn_max_reserve_two_descriptors_per_connection() {
+    if skip_on_pen("Pen leaves the open-files limit as it finds it") {
+        return;
+    }
+    let s0 = Backend::named("S0");
+    let ctl = Port::reserve();
+    let ctl_addr = format!("127.0.0.1:{}", ctl.port);
+    let balancer = Balancer::start(&["-x", "3000", "-u", "root", "-C", &ctl_addr], &[s0.spec()]);
+    let pid = balancer.pid().to_string();
+    let (_, hard) = open_files_limits("self");
+    let (soft, table) = descriptor_room(&pid);
+    let wanted = (2 * 3000).min(hard);
+    assert!(
+        soft >= wanted,
+        "open-files soft limit {soft} for -x 3000 (hard {hard})"
+    );
+    assert!(
+        table >= wanted,
+        "descriptor table of {table} for -x 3000 (hard {hard})"
+    );
+
+    let reply = std::process::Command::new("penctl")
+        .args([ctl_addr.as_str(), "conn_max", "6000"])
+        .output()
+        .expect("cannot run penctl; .ci/run installs Debian's pen package");
+    assert_eq!(String::from_utf8_lossy(&reply.stdout), "6000\n");
+    let wanted = (2 * 6000).min(hard);
+    wait_until(
+        format!("room for {wanted} descriptors after conn_max 6000 (hard {hard})"),
+        || {
+            let (soft, table) = descriptor_room(&pid);
+            soft >= wanted && table >= wanted
+        },
+    );
+    assert_eq!(balancer.ask(2), "S0");
+}
+
 #[test]
 fn dash_p_writes_the_pid_file_and_sigterm_removes_it_and_exits_0() {
     let s0 = Backend::named("S0");

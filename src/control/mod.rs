@@ -60,6 +60,8 @@ pub struct Control {
     exiting: bool,
     /// `--check` and friends, if active checks run.
     health: Option<crate::config::HealthOptions>,
+    /// The `conn_max` the descriptor table has room for.
+    descriptors_reserved_for: usize,
 }
 
 /// One active health check result, from the checker to the control loop.
@@ -88,6 +90,7 @@ impl Control {
     ) -> Self {
         let generation = shared.table.load().generation;
         Control {
+            descriptors_reserved_for: state.conn_max,
             state,
             counters,
             shared,
@@ -209,6 +212,10 @@ impl Control {
             let mut clients = self.shared.clients.lock();
             clients.grow(self.state.clients_max);
             clients.set_tracking_secs(self.state.tracking_secs);
+        }
+        if self.state.conn_max > self.descriptors_reserved_for {
+            self.descriptors_reserved_for = self.state.conn_max;
+            crate::process::reserve_descriptors_or_warn(self.state.conn_max);
         }
         self.publish();
         // An idle timeout needs each worker's timer armed.
