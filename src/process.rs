@@ -63,11 +63,13 @@ pub fn become_user(user: &User) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Descriptors beyond the connections': listeners, rings, health checks, logs.
+const DESCRIPTOR_MARGIN: u64 = 256;
+
 /// Descriptors the data plane may hold with `conn_max` connections: two
-/// per proxied connection, plus a margin for listeners, rings, health
-/// checks and logs.
-pub fn descriptors_for(conn_max: usize) -> u64 {
-    2 * conn_max as u64 + 256
+/// per proxied connection, plus the margin.
+fn descriptors_for(conn_max: usize) -> u64 {
+    2 * conn_max as u64 + DESCRIPTOR_MARGIN
 }
 
 /// Makes room for `-x` connections' descriptors now, and returns how many
@@ -81,7 +83,7 @@ pub fn descriptors_for(conn_max: usize) -> u64 {
 /// grace period (10–20 ms on a small VM), no accept completes meanwhile, a
 /// burst of connects overflows the listen queue and every dropped SYN waits
 /// a whole second for its retransmission.
-pub fn reserve_descriptors(conn_max: usize) -> anyhow::Result<u64> {
+fn reserve_descriptors(conn_max: usize) -> anyhow::Result<u64> {
     let needed = descriptors_for(conn_max);
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-files limit")?;
     let limit = needed.min(hard).max(soft);
@@ -105,7 +107,7 @@ pub fn reserve_descriptors_or_warn(conn_max: usize) {
     match reserve_descriptors(conn_max) {
         Ok(limit) if limit < descriptors_for(conn_max) => tracing::warn!(
             "the open-files hard limit {limit} allows about {} connections, fewer than -x {conn_max}; raise it (ulimit -Hn) to use them all",
-            limit.saturating_sub(256) / 2
+            limit.saturating_sub(DESCRIPTOR_MARGIN) / 2
         ),
         Ok(_) => {}
         Err(e) => tracing::warn!("{e:#}"),

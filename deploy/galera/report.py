@@ -166,11 +166,22 @@ def write_doc(out_json, kind, env, versions, params, commands, **rest):
         json.dump(doc, f, indent=1)
         f.write("\n")
 
-def env_section(env):
+
+def read_env(workdir):
+    """A run's env.txt: the raw pairs, then its version_, param_ and cmd_ sections."""
+    env = kv(os.path.join(workdir, "env.txt"))
     versions = {k[len("version_"):]: v for k, v in env.items() if k.startswith("version_")}
     params = {k[len("param_"):]: num(v, v) for k, v in env.items() if k.startswith("param_")}
     commands = {k[len("cmd_"):]: v for k, v in env.items() if k.startswith("cmd_")}
-    return versions, params, commands
+    return env, versions, params, commands
+
+
+def read_runs(workdir):
+    """Each measured run: its directory and its meta.txt, numbers parsed."""
+    for d in sorted(glob.glob(os.path.join(workdir, "runs", "*"))):
+        meta = kv(os.path.join(d, "meta.txt"))
+        if meta:
+            yield d, {k: num(v, v) for k, v in meta.items()}
 
 
 def fmt(x, spec=",.0f", none="–"):
@@ -180,15 +191,10 @@ def fmt(x, spec=",.0f", none="–"):
 # ---------------------------------------------------------------- bench
 
 def bench(workdir, out_json):
-    env = kv(os.path.join(workdir, "env.txt"))
-    versions, params, commands = env_section(env)
+    env, versions, params, commands = read_env(workdir)
     bucket_ms = int(params.get("bucket_ms", 10))
     runs = []
-    for d in sorted(glob.glob(os.path.join(workdir, "runs", "*"))):
-        meta = kv(os.path.join(d, "meta.txt"))
-        if not meta:
-            continue
-        r = {k: num(v, v) for k, v in meta.items()}
+    for d, r in read_runs(workdir):
         r.update(parse_sysbench(os.path.join(d, "sysbench.out")))
         if os.path.isdir(os.path.join(d, "progress")):
             prog = parse_progress(d, bucket_ms)
@@ -283,16 +289,11 @@ def bench(workdir, out_json):
 # ---------------------------------------------------------------- failover
 
 def failover(workdir, out_json):
-    env = kv(os.path.join(workdir, "env.txt"))
-    versions, params, commands = env_section(env)
+    env, versions, params, commands = read_env(workdir)
     bucket_ms = int(params.get("bucket_ms", 10))
     hang_s = float(params.get("hang_s", 10))
     results = []
-    for d in sorted(glob.glob(os.path.join(workdir, "runs", "*"))):
-        meta = kv(os.path.join(d, "meta.txt"))
-        if not meta:
-            continue
-        r = {k: num(v, v) for k, v in meta.items()}
+    for d, r in read_runs(workdir):
         sb = parse_sysbench(os.path.join(d, "sysbench.out"))
         r["sysbench_finished"] = "tps" in sb
         if sb.get("fatal_errors"):
