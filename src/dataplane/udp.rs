@@ -29,7 +29,12 @@ use crate::select::{first_choice, Attempts, Target};
 /// Buffers hold a whole datagram (up to 64 KiB) plus the recvmsg header
 /// and the sender's address in front of it.
 const BUF_SIZE: u32 = 65_536 + 256;
-const BUF_COUNT: u16 = 64;
+/// A datagram holds its buffer until it has been sent on, and a flow sends
+/// one at a time each way, so busy flows hold several: 64 buffers ran dry
+/// with 64 clients keeping 4 datagrams each in flight, and every receive
+/// re-armed after that failed again at once. Memory is only used as far as
+/// datagrams fill the buffers (a page each for small ones).
+const BUF_COUNT: u16 = 256;
 /// Datagrams queued per flow and direction before new ones are dropped
 /// (UDP's answer to a slow peer).
 const QUEUE_MAX: usize = 32;
