@@ -15,7 +15,8 @@
 #   conn_per_trx     conn_per_trx.lua: connect, BEGIN, 2 point selects,
 #                    COMMIT, disconnect, per event
 # Paths: see lib.sh (ringpen with --check galera, ringpen-plain, pen,
-# haproxy with mysql-check, direct = node 1 only, direct-all = sysbench's
+# haproxy with mysql-check, ringpen-node1 and pen-node1 = the hop in front
+# of node 1 alone, direct = node 1 only, direct-all = sysbench's
 # own round robin over the three nodes). Each measurement gets a freshly started
 # balancer; the order of the paths rotates from round to round. Every
 # balancer is pinned to CPU $BAL_CPU (taskset); mariadbd and sysbench are not

@@ -185,12 +185,16 @@ PY
 #                  (as haproxy_check), inter 1s fall 2 rise 2, retries 3 +
 #                  redispatch; one thread
 #   haproxy-plain  the same without health checks
+#   ringpen-node1  ringpen-plain in front of node 1 alone, and
+#   pen-node1      pen in front of node 1 alone: the hop without the
+#                  spread over three nodes, against the same node as direct
 #   direct         no balancer: node 1 itself
 #   direct-all     no balancer: sysbench spreads its connections over the
 #                  three nodes itself (--mysql-port=33061,33062,33063, round
 #                  robin), the same spread as the balancers without the hop
 # Every balancer runs pinned to CPU $BAL_CPU with taskset; it listens on
-# 127.0.0.1:$(path_port PATH) and balances the three nodes in order.
+# 127.0.0.1:$(path_port PATH) and balances the three nodes in order (the
+# -node1 paths: node 1 only).
 
 RINGPEN=${RINGPEN:-$REPO_ROOT/target/release/ringpen}
 PEN=${PEN:-$(command -v pen || echo /usr/bin/pen)}
@@ -209,14 +213,18 @@ path_port() {
         pen) echo 39312 ;;
         haproxy) echo 39313 ;;
         haproxy-plain) echo 39314 ;;
+        ringpen-node1) echo 39315 ;;
+        pen-node1) echo 39316 ;;
         direct) node_port 1 ;;
         direct-all) echo "$(node_port 1),$(node_port 2),$(node_port 3)" ;;
-        *) die "unknown path '$1' (ringpen ringpen-plain pen haproxy haproxy-plain direct direct-all)" ;;
+        *) die "unknown path '$1' (ringpen ringpen-plain pen haproxy haproxy-plain ringpen-node1 pen-node1 direct direct-all)" ;;
     esac
 }
 
+# The nodes path $1 balances: all of them, or node 1 for the -node1 paths.
 backends() {
     local n
+    case "$1" in *-node1) echo "127.0.0.1:$(node_port 1)"; return ;; esac
     for ((n = 1; n <= NODES; n++)); do printf '127.0.0.1:%s ' "$(node_port "$n")"; done
 }
 
@@ -226,19 +234,19 @@ balancer_cmd() {
     local path=$1 dir=$2 port n
     port=$(path_port "$path")
     case "$path" in
-        ringpen | ringpen-plain)
+        ringpen | ringpen-plain | ringpen-node1)
             printf '%s\n' "$RINGPEN" -f -r -x 10000 --workers "$RINGPEN_WORKERS"
             if [ "$path" = ringpen ]; then
                 [ "$(id -u)" -ne 0 ] || printf '%s\n' -u root
                 printf '%s\n' -C "127.0.0.1:$CTL_PORT" --check galera --check-user "$CHECK_USER" \
                     --check-password-file "$BASE/check.pw" --check-interval "$CHECK_INTERVAL"
             fi
-            # RINGPEN_EXTRA: more options for both ringpen paths (word-split).
+            # RINGPEN_EXTRA: more options for every ringpen path (word-split).
             [ -z "${RINGPEN_EXTRA:-}" ] || printf '%s\n' $RINGPEN_EXTRA
-            printf '%s\n' "127.0.0.1:$port" $(backends)
+            printf '%s\n' "127.0.0.1:$port" $(backends "$path")
             ;;
-        pen)
-            printf '%s\n' "$PEN" -f -r -x 10000 "127.0.0.1:$port" $(backends)
+        pen | pen-node1)
+            printf '%s\n' "$PEN" -f -r -x 10000 "127.0.0.1:$port" $(backends "$path")
             ;;
         haproxy | haproxy-plain)
             local check="" opt=""
