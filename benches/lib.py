@@ -38,6 +38,12 @@ Command line (the scripts call it through benches/lib.sh):
       connections other processes open, while a balancer can still bind and
       listen on them (SO_REUSEADDR on both sides, only one listener).
 
+  python3 benches/lib.py reserve_ports PORT|FIRST-LAST...
+      Adds those of the ports or ranges not in it yet to
+      net.ipv4.ip_local_reserved_ports (kept on top of what is there) and
+      prints them, comma-separated (nothing when all were there).  Used by
+      benches/lib.sh and deploy/galera/lib.sh.
+
 Importable too (sys.path.insert(0, "benches")): proc_ticks, rss_kib,
 pss_kib, alive, tcp_counters, counters_delta, median, ratio, machine,
 pkg_version, run.
@@ -326,6 +332,29 @@ def hold_ports(ready, limit, ports):
         time.sleep(3600)
 
 
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+
+
+def _port_set(spec):
+    """The ports of a reserved-ports style list: "33061-33063,39200"."""
+    ports = set()
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        first, _, last = part.partition("-")
+        ports.update(range(int(first), int(last or first) + 1))
+    return ports
+
+
+def reserve_ports(specs):
+    with open(RESERVED_PORTS) as f:
+        current = f.read().strip()
+    reserved = _port_set(current)
+    missing = [spec for spec in specs if not _port_set(spec) <= reserved]
+    if missing:
+        with open(RESERVED_PORTS, "w") as f:
+            f.write(",".join(filter(None, [current] + missing)))
+        print(",".join(missing))
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "wait_quiet":
@@ -335,6 +364,8 @@ def main():
     elif cmd == "bindable":
         socks = [_bind(int(p)) for p in args]
         sys.exit(0 if all(socks) else 1)
+    elif cmd == "reserve_ports":
+        reserve_ports(args)
     elif cmd == "hold_ports":
         hold_ports(args[0], float(args[1]), [int(p) for p in args[2:]])
     else:

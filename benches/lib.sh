@@ -50,26 +50,15 @@ port_free() {
 # (32768-60999), so other processes' outgoing connections take them as
 # source ports, and their TIME-WAIT sockets then block a listener's bind for
 # a minute.  As root, add them to net.ipv4.ip_local_reserved_ports (on top
-# of what is there, and left there, as deploy/galera/lib.sh does; this only
-# stops the kernel from picking them for outgoing connections).
+# of what is there, and left there, by lib.py reserve_ports, as for
+# deploy/galera/lib.sh; this only stops the kernel from picking them for
+# outgoing connections).
 # RESERVE_PORTS=0 skips it.
 reserve_ports() {
-    local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur new
-    [ "${RESERVE_PORTS:-1}" = 1 ] && [ -w "$f" ] || return 0
-    cur=$(cat "$f")
-    new=$(python3 - "$cur" "$@" <<'EOF'
-import sys
-cur = set()
-for part in filter(None, sys.argv[1].replace(" ", "").split(",")):
-    a, _, b = part.partition("-")
-    cur.update(range(int(a), int(b or a) + 1))
-print(",".join(p for p in sys.argv[2:] if int(p) not in cur))
-EOF
-    )
-    if [ -n "$new" ]; then
-        echo "${cur:+$cur,}$new" >"$f" &&
-            echo "${BENCH:-bench}: reserved ports $new (net.ipv4.ip_local_reserved_ports)" >&2
-    fi
+    local new
+    [ "${RESERVE_PORTS:-1}" = 1 ] && [ -w /proc/sys/net/ipv4/ip_local_reserved_ports ] || return 0
+    new=$(python3 "$BENCH_LIB_PY" reserve_ports "$@") || return 0
+    [ -z "$new" ] || echo "${BENCH:-bench}: reserved ports $new (net.ipv4.ip_local_reserved_ports)" >&2
 }
 
 # hold_ports DIR PORT...: keeps the TCP ports from being handed out as

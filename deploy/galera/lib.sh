@@ -154,23 +154,11 @@ tables_ready() {
 # what is there; this only stops the kernel from picking them for outgoing
 # connections). RESERVE_PORTS=0 skips it.
 reserve_ports() {
-    local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur want
-    [ "${RESERVE_PORTS:-1}" = 1 ] && [ -w "$f" ] || return 0
-    want="$((DB_PORT0 + 1))-$((DB_PORT0 + NODES)),$((GALERA_PORT0 + 10))-$((GALERA_PORT0 + 10 * NODES + 2)),39300-39399"
-    cur=$(cat "$f")
-    if ! python3 - "$cur" "$want" <<'PY'
-import sys
-def ports(spec):
-    out = set()
-    for part in filter(None, spec.replace(' ', '').split(',')):
-        a, _, b = part.partition('-')
-        out.update(range(int(a), int(b or a) + 1))
-    return out
-sys.exit(0 if ports(sys.argv[2]) <= ports(sys.argv[1]) else 1)
-PY
-    then
-        echo "${cur:+$cur,}$want" >"$f" && log "reserved ports $want (net.ipv4.ip_local_reserved_ports)"
-    fi
+    local new
+    [ "${RESERVE_PORTS:-1}" = 1 ] && [ -w /proc/sys/net/ipv4/ip_local_reserved_ports ] || return 0
+    new=$(python3 "$REPO_ROOT/benches/lib.py" reserve_ports "$((DB_PORT0 + 1))-$((DB_PORT0 + NODES))" \
+        "$((GALERA_PORT0 + 10))-$((GALERA_PORT0 + 10 * NODES + 2))" 39300-39399) || return 0
+    [ -z "$new" ] || log "reserved ports $new (net.ipv4.ip_local_reserved_ports)"
 }
 
 # ---------------------------------------------------------------- balancers
