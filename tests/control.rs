@@ -28,17 +28,6 @@ impl ControlPort {
     }
 }
 
-/// Runs `penctl ADDR words...` and returns what it printed.
-fn penctl(addr: &str, command: &str) -> String {
-    let output = Command::new("penctl")
-        .arg(addr)
-        .args(command.split(' '))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run penctl ({e}); .ci/run installs Debian's pen package"));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// Debian's pen started by hand, for side-by-side comparison.
 struct RealPen {
     child: Child,

@@ -20,7 +20,7 @@ use ringpen::config::{CheckKind, DonorPolicy, HealthOptions, OnDown};
 use ringpen::control::state::Health;
 use ringpen::health::{check_once, HealthChecker, Verdict};
 
-use common::{connect, nothing_received_yet, wait_until, Balancer, Port, TempDir};
+use common::{connect, nothing_received_yet, penctl, wait_until, Balancer, Port, TempDir};
 
 const CHECK_USER: &str = "health";
 const CHECK_PASSWORD: &str = "s3cret-Pw";
@@ -607,17 +607,6 @@ fn unanswered_connect_times_out_without_leaking_the_socket() {
     });
     assert_eq!(syn_sent(), before, "a timed-out check left its connect behind");
     drop(fillers);
-}
-
-/// Runs Debian's `penctl ADDR words...` and returns what it printed.
-fn penctl(addr: &str, command: &str) -> String {
-    let out = Command::new("penctl")
-        .arg(addr)
-        .args(command.split(' '))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run penctl ({e}); .ci/run installs Debian's pen package"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A message built only when a wait times out, so it can show the last

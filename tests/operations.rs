@@ -80,11 +80,7 @@ fn dash_x_and_conn_max_reserve_two_descriptors_per_connection() {
         "descriptor table of {table} for -x 3000 (hard {hard})"
     );
 
-    let reply = std::process::Command::new("penctl")
-        .args([ctl_addr.as_str(), "conn_max", "6000"])
-        .output()
-        .expect("cannot run penctl; .ci/run installs Debian's pen package");
-    assert_eq!(String::from_utf8_lossy(&reply.stdout), "6000\n");
+    assert_eq!(penctl(&ctl_addr, "conn_max 6000"), "6000\n");
     let wanted = (2 * 6000).min(hard);
     wait_until(
         format!("room for {wanted} descriptors after conn_max 6000 (hard {hard})"),

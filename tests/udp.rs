@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -201,13 +201,7 @@ impl UdpBalancer {
 
     fn penctl(&self, command: &str) -> String {
         let ctl = self.control.as_ref().expect("started without a control port");
-        let output = Command::new("penctl")
-            .arg(format!("127.0.0.1:{}", ctl.port))
-            .args(command.split(' '))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run penctl ({e}); Debian's pen package has it"));
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        common::penctl(&format!("127.0.0.1:{}", ctl.port), command)
     }
 
     /// A client socket on 127.0.0.`octet` (or ::1 for an IPv6 balancer).

@@ -338,6 +338,17 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Runs Debian's `penctl ADDR words...` and returns what it printed.
+pub fn penctl(addr: &str, command: &str) -> String {
+    let output = Command::new("penctl")
+        .arg(addr)
+        .args(command.split(' '))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run penctl ({e}); .ci/run installs Debian's pen package"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Sends `signal` (e.g. "TERM", "HUP") to `pid` with kill(1).
 pub fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
