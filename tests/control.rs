@@ -429,6 +429,50 @@ fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
     );
 }
 
+/// Editing one server restarts only that server's check: a dead server
+/// stays down while another moves, and a server that moves or can no
+/// longer be checked (a Unix socket) forgets what was checked at its old
+/// address.
+#[test]
+fn editing_servers_keeps_what_the_checks_know() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let (lb, ctl) = tcp_checked(&a, &b, &[]);
+    drop(b);
+    wait_until("server 1 down", || server_1_down(&ctl));
+
+    let c = Backend::named("C");
+    assert_eq!(
+        penctl(&ctl.addr(), &format!("server 0 port {}", c.addr.port())),
+        ""
+    );
+    // Five check intervals: a restarted check of server 1 would report it
+    // unchecked after its first failure.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(1) {
+        assert!(
+            server_1_down(&ctl),
+            "server 1 left down: {}",
+            penctl(&ctl.addr(), "health")
+        );
+    }
+    wait_until("server 0 up at its new port", || {
+        penctl(&ctl.addr(), "health")
+            .starts_with(&format!("0 addr 127.0.0.1 port {} health up\n", c.addr.port()))
+    });
+    assert_eq!(lb.ask(2), "C");
+
+    assert_eq!(penctl(&ctl.addr(), "server 1 address /nonexistent.sock"), "");
+    let health = penctl(&ctl.addr(), "health");
+    assert!(
+        health
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("1 addr /nonexistent.sock ") && l.ends_with(" health unchecked")),
+        "{health}"
+    );
+}
+
 #[test]
 fn a_server_checked_up_again_is_no_longer_blacklisted() {
     let a = Backend::named("A");

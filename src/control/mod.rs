@@ -12,6 +12,7 @@ pub mod state;
 pub mod webstats;
 pub mod writecfg;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -67,6 +68,9 @@ pub struct Control {
 /// One active health check result, from the checker to the control loop.
 struct HealthReport {
     server: usize,
+    /// The address checked: a report from a check stopped because the
+    /// server moved may still be queued, and must not count.
+    addr: std::net::SocketAddr,
     health: state::Health,
     latency: Duration,
     reason: Option<String>,
@@ -127,7 +131,7 @@ impl Control {
         let Some(conf) = self.state.servers.get_mut(report.server) else {
             return;
         };
-        if conf.health == report.health {
+        if conf.spec.addr != crate::config::Endpoint::Inet(report.addr) || conf.health == report.health {
             return;
         }
         tracing::warn!(
@@ -160,6 +164,30 @@ impl Control {
                     );
                 }
             }
+        }
+    }
+
+    /// The checks of these servers stopped: what they found no longer
+    /// holds, so the servers are Unchecked (routed, as at start) again.
+    fn forget_health(&mut self, servers: &[usize]) {
+        let mut changed = false;
+        for &server in servers {
+            if let Some(latency) = self.latencies.get_mut(server) {
+                *latency = None;
+            }
+            if let Some(conf) = self.state.servers.get_mut(server) {
+                if conf.health != state::Health::Unchecked {
+                    tracing::warn!(
+                        "server {server} ({}) is now Unchecked: its address changed",
+                        conf.spec.addr
+                    );
+                    conf.health = state::Health::Unchecked;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.publish();
         }
     }
 
@@ -462,8 +490,8 @@ async fn serve(
         ));
     }
     let (health_tx, mut health_reports) = tokio::sync::mpsc::unbounded_channel();
-    let mut checks = HealthTask::default();
-    checks.restart(&control, &health_tx);
+    let mut checks = HealthTasks::default();
+    checks.update(&mut control, &health_tx);
     while !control.exiting {
         tokio::select! {
             Some(report) = health_reports.recv() => control.on_health(report),
@@ -471,7 +499,7 @@ async fn serve(
             Some(request) = requests.recv() => match request {
                 ControlRequest::Command { line, peer, reply } => {
                     let _ = reply.send(control.run_command(&line, peer));
-                    checks.restart(&control, &health_tx);
+                    checks.update(&mut control, &health_tx);
                 }
                 ControlRequest::Metrics { reply } => {
                     let _ = reply.send(control.metrics_text());
@@ -479,7 +507,7 @@ async fn serve(
             },
             _ = hangup.recv() => {
                 control.reload();
-                checks.restart(&control, &health_tx);
+                checks.update(&mut control, &health_tx);
             }
             _ = usr1.recv() => control.on_usr1(),
             _ = terminate.recv() => break,
@@ -497,39 +525,58 @@ async fn log_failure(what: &str, task: impl std::future::Future<Output = anyhow:
     }
 }
 
-/// The running health checks; restarted when the checked servers change.
+/// The running health checks: one per checked server, so that a change to
+/// one server restarts only its own check, and the others keep their
+/// rise/fall counts.
 #[derive(Default)]
-struct HealthTask {
-    targets: Vec<(usize, std::net::SocketAddr)>,
-    task: Option<tokio::task::JoinHandle<()>>,
+struct HealthTasks {
+    running: BTreeMap<usize, (std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
-impl HealthTask {
-    fn restart(&mut self, control: &Control, reports: &tokio::sync::mpsc::UnboundedSender<HealthReport>) {
-        let Some(options) = &control.health else {
+impl HealthTasks {
+    /// Follows the servers' addresses: stops the checks of servers that
+    /// moved or can no longer be checked (their health goes back to
+    /// Unchecked: what was known is about an address no longer used) and
+    /// starts checks for new or moved ones, spread over one interval.
+    fn update(&mut self, control: &mut Control, reports: &tokio::sync::mpsc::UnboundedSender<HealthReport>) {
+        let Some(options) = control.health.clone() else {
             return;
         };
-        let targets = control.check_targets();
-        if self.task.is_some() && targets == self.targets {
-            return;
+        let targets: BTreeMap<_, _> = control.check_targets().into_iter().collect();
+        let mut stale = Vec::new();
+        self.running.retain(|server, (addr, task)| {
+            let keep = targets.get(server) == Some(addr);
+            if !keep {
+                task.abort();
+                stale.push(*server);
+            }
+            keep
+        });
+        control.forget_health(&stale);
+        let new: Vec<_> = targets
+            .into_iter()
+            .filter(|(server, _)| !self.running.contains_key(server))
+            .collect();
+        let interval = options.interval.max(crate::health::MIN_INTERVAL);
+        let start = tokio::time::Instant::now();
+        for (i, &(server, addr)) in new.iter().enumerate() {
+            let first = start + interval / new.len() as u32 * i as u32;
+            let reports = reports.clone();
+            let checker = crate::health::HealthChecker::new(vec![(server, addr)], options.clone());
+            let task = tokio_uring::spawn(async move {
+                checker
+                    .run_from(first, move |server, health, latency, reason| {
+                        let _ = reports.send(HealthReport {
+                            server,
+                            addr,
+                            health,
+                            latency,
+                            reason,
+                        });
+                    })
+                    .await
+            });
+            self.running.insert(server, (addr, task));
         }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-        self.targets = targets.clone();
-        let reports = reports.clone();
-        let checker = crate::health::HealthChecker::new(targets, options.clone());
-        self.task = Some(tokio_uring::spawn(async move {
-            checker
-                .run(move |server, health, latency, reason| {
-                    let _ = reports.send(HealthReport {
-                        server,
-                        health,
-                        latency,
-                        reason,
-                    });
-                })
-                .await
-        }));
     }
 }

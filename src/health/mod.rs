@@ -117,10 +117,18 @@ impl HealthChecker {
     /// Must run inside `tokio_uring::start`. `report` runs on this thread
     /// between checks: it must not block.
     pub async fn run(&self, report: impl Fn(usize, Health, Duration, Option<String>) + 'static) {
+        self.run_from(Instant::now(), report).await
+    }
+
+    /// [`run`](Self::run), with the first interval beginning at `start`.
+    pub async fn run_from(
+        &self,
+        start: Instant,
+        report: impl Fn(usize, Health, Duration, Option<String>) + 'static,
+    ) {
         let report: Rc<dyn Fn(usize, Health, Duration, Option<String>)> = Rc::new(report);
         let interval = self.opts.interval.max(MIN_INTERVAL);
         let count = self.targets.len().max(1) as u32;
-        let start = Instant::now();
         let mut tasks = AbortOnDrop(Vec::with_capacity(self.targets.len()));
         for (i, &(id, addr)) in self.targets.iter().enumerate() {
             let first = start + interval / count * i as u32;
