@@ -95,14 +95,17 @@ impl ServerEntry {
         now: Instant,
         now_epoch: u64,
     ) -> Self {
-        let remaining = (conf.status + blacklist_secs).saturating_sub(now_epoch);
+        let remaining = conf
+            .status
+            .saturating_add(blacklist_secs)
+            .saturating_sub(now_epoch);
         ServerEntry {
             // An address the kernel cannot take (an over-long Unix path) is
             // kept as unusable rather than failing the whole table.
             sockaddr: conf.spec.addr.to_sockaddr().unwrap_or_else(|_| unspecified()),
             spec: conf.spec.clone(),
             blacklisted_until: (conf.is_blacklisted(now_epoch, blacklist_secs))
-                .then(|| now + Duration::from_secs(remaining)),
+                .then(|| now + seconds(remaining)),
             acl: conf.acl,
             accepts_new: conf.health.accepts_new(),
             counters,
@@ -126,6 +129,14 @@ impl ServerEntry {
             denied: false,
         }
     }
+}
+
+/// Seconds from the state as a Duration the workers can add to an Instant
+/// or hand the kernel as a timespec: penctl takes values up to u64::MAX,
+/// which would overflow both, and a century is forever here.
+fn seconds(secs: u64) -> Duration {
+    const CENTURY_SECS: u64 = 100 * 365 * 24 * 3600;
+    Duration::from_secs(secs.min(CENTURY_SECS))
 }
 
 fn unspecified() -> SockAddr {
@@ -201,20 +212,20 @@ impl RoutingTable {
                 .map(|c| entry(c, counters.emergency.clone())),
             abuse: state.abuse.as_ref().map(|c| entry(c, counters.abuse.clone())),
             mode: state.mode,
-            connect_timeout: Duration::from_secs(state.connect_timeout_secs),
-            blacklist: Duration::from_secs(state.blacklist_secs),
+            connect_timeout: seconds(state.connect_timeout_secs),
+            blacklist: seconds(state.blacklist_secs),
             http: state.http,
             conn_max: state.conn_max,
             pending_max: state.pending_max.max(1),
             accepts_per_wakeup: state.accepts_per_wakeup,
             acls: Arc::new(state.acls.clone()),
             client_acl: state.client_acl,
-            idle_timeout: (state.idle_timeout_secs > 0).then(|| Duration::from_secs(state.idle_timeout_secs)),
+            idle_timeout: (state.idle_timeout_secs > 0).then(|| seconds(state.idle_timeout_secs)),
             tcp_nodelay: state.tcp_nodelay,
             tcp_fastclose: state.tcp_fastclose,
             keepalive: state.keepalive,
             source: state.source,
-            udp_idle: Duration::from_secs(state.udp_idle_secs),
+            udp_idle: seconds(state.udp_idle_secs),
         }
     }
 
@@ -274,5 +285,34 @@ impl crate::select::Servers for ServersView<'_> {
 impl ServersView<'_> {
     pub fn emergency(&self) -> Option<Candidate> {
         self.table.emergency.as_ref().map(|e| e.candidate(self.now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Endpoint, ServerSpec};
+
+    #[test]
+    fn huge_blacklist_times_mean_blacklisted_for_good() {
+        let server = ServerSpec::new(Endpoint::Inet("127.0.0.1:1".parse().unwrap()));
+        let config = Config::with_defaults(Endpoint::Inet("127.0.0.1:2".parse().unwrap()), vec![server]);
+        let mut state = ControlState::from_config(&config);
+        let mut counters = CounterBank::default();
+        // `server 0 blacklist 18446744073709551615`, then `blacklist` raised.
+        state.servers[0].status = u64::MAX - 30;
+        state.blacklist_secs = u64::MAX;
+        let table = RoutingTable::build(&state, &mut counters, 1);
+        assert!(table.servers[0].is_blacklisted(Instant::now()));
+        // `blacklist 10000000000000000000` after a connect failed just now.
+        state.servers[0].status = epoch_now();
+        state.blacklist_secs = 10_000_000_000_000_000_000;
+        let table = RoutingTable::build(&state, &mut counters, 2);
+        assert!(table.servers[0].is_blacklisted(Instant::now()));
+        // `timeout 18446744073709551615`: the linked timeout's timespec has
+        // signed seconds; wrapped negative, it failed every connect at once.
+        state.connect_timeout_secs = u64::MAX;
+        let table = RoutingTable::build(&state, &mut counters, 3);
+        assert!(i64::try_from(table.connect_timeout.as_secs()).is_ok());
     }
 }
