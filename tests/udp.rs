@@ -774,6 +774,62 @@ fn dash_x_holds_no_more_descriptors_than_flows_even_while_evicting() {
     );
 }
 
+/// At `-x 1` on three workers the one flow can sit on a worker that is
+/// not next to the one a new client reaches: the request for a slot must
+/// travel on to it rather than bounce between two empty workers.
+#[test]
+fn dash_x_finds_the_flow_to_evict_on_any_worker() {
+    let backends = named(2);
+    let balancer = UdpBalancer::launch(
+        Setup {
+            workers: 3,
+            ..Setup::default()
+        },
+        &["-x", "1"],
+        &specs(&backends),
+    );
+    for octet in 160..184 {
+        let client = balancer.client(octet);
+        client.send(b"any slot");
+        let reply = client.recv_within(Duration::from_secs(2));
+        assert!(
+            reply.is_some_and(|r| r.ends_with(b"any slot")),
+            "client {} unanswered: no flow was evicted for it",
+            client.local()
+        );
+    }
+}
+
+/// Two clients taking turns at `-x 1` on one worker: every new datagram
+/// evicts the other client's flow, often with its datagram still queued
+/// for sending. Every reply must still reach the client that asked, never
+/// the other one (the evicted flow's send must not go out on the socket of
+/// the flow that replaced it).
+#[test]
+fn evicting_a_flow_with_a_send_queued_never_crosses_replies() {
+    let backends = named(2);
+    let balancer = UdpBalancer::launch(
+        Setup {
+            workers: 1,
+            ..Setup::default()
+        },
+        &["-x", "1"],
+        &specs(&backends),
+    );
+    let threads: Vec<_> = [0, 1]
+        .map(|id| {
+            let client = balancer.client(120 + id as u8);
+            thread::spawn(move || run_client(client, id, 400, 4, Duration::from_secs(4)))
+        })
+        .into_iter()
+        .collect();
+    for (id, thread) in threads.into_iter().enumerate() {
+        let report = thread.join().expect("client thread");
+        assert!(report.errors.is_empty(), "client {id}: {:?}", report.errors);
+        assert!(report.answered > 0, "client {id} got no reply at all");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 5. IPv6
 // ---------------------------------------------------------------------------

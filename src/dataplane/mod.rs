@@ -33,8 +33,9 @@ pub enum WorkerRequest {
     Close { local: u32, serial: u64 },
     /// `listen`: a new listener was published; accept from it.
     Relisten,
-    /// `-U` at the `-x` limit: end this worker's least recently used flow.
-    EvictOldest,
+    /// `-U` at the `-x` limit: end this worker's least recently used flow,
+    /// or pass the request on if it has none; `asker` waits for the slot.
+    EvictOldest { asker: usize },
 }
 
 /// One open connection as `connection N` and the status page show it.

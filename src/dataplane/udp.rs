@@ -93,7 +93,8 @@ struct Flow {
     client: SockAddr,
     client_addr: SocketAddr,
     /// Closed as soon as the flow ends, so descriptors track live flows
-    /// (an operation still in flight keeps its own reference to the socket).
+    /// (an operation already submitted keeps its own reference to the
+    /// socket; `close_flow` submits what is queued first).
     backend: Option<Socket>,
     target: Target,
     counters: Arc<ServerCounters>,
@@ -244,13 +245,8 @@ impl UdpWorker {
                     self.stop = true;
                 } else {
                     for request in self.shared.take_requests(self.id) {
-                        if request == super::WorkerRequest::EvictOldest {
-                            match self.oldest_flow() {
-                                Some(id) => self.close_flow(id),
-                                // Nothing to give up (any more): let the
-                                // asking worker look again.
-                                None => self.shared.wake_paused(),
-                            }
+                        if let super::WorkerRequest::EvictOldest { asker } = request {
+                            self.evict_for(asker);
                         }
                     }
                     self.retry_waiting();
@@ -447,10 +443,35 @@ impl UdpWorker {
         if !self.asked {
             self.asked = true;
             self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
-            self.shared
-                .request((self.id + 1) % workers, super::WorkerRequest::EvictOldest);
+            self.shared.request(
+                (self.id + 1) % workers,
+                super::WorkerRequest::EvictOldest { asker: self.id },
+            );
         }
         Capacity::Asked
+    }
+
+    /// Another worker at the `-x` limit needs a slot: this worker's least
+    /// recently used flow gives it up (freeing it wakes the asker). A
+    /// worker with no open flow passes the request on around the workers;
+    /// once it is back at the asker, no worker had one to give, and the
+    /// asker looks again when woken (at once, or when a closing flow is
+    /// freed: that wakes it too).
+    fn evict_for(&mut self, asker: usize) {
+        if let Some(id) = self.oldest_flow() {
+            self.close_flow(id);
+            return;
+        }
+        if self.flows.iter().flatten().any(|f| f.closing) {
+            return;
+        }
+        let next = (self.id + 1) % self.shared.worker_count();
+        if next == asker {
+            self.shared.wake_paused();
+        } else {
+            self.shared
+                .request(next, super::WorkerRequest::EvictOldest { asker });
+        }
     }
 
     /// Datagrams of new clients that waited for another worker to free a
@@ -607,12 +628,21 @@ impl UdpWorker {
     /// Ends a flow: its receive is cancelled, queued datagrams dropped; it
     /// is freed once nothing is in flight.
     fn close_flow(&mut self, id: u32) {
+        if self.flow_mut(id).is_none_or(|flow| flow.closing) {
+            return;
+        }
+        // A send or receive still in the submission queue names the socket
+        // by number only: the kernel must take its own reference before the
+        // number is closed, or a new flow's socket could get it and carry
+        // this flow's datagram.
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
         let Some(flow) = self.flows.get_mut(id as usize).and_then(|f| f.as_deref_mut()) else {
             return;
         };
-        if flow.closing {
-            return;
-        }
         flow.closing = true;
         flow.backend = None;
         let keep_up = usize::from(flow.sending_up);

@@ -367,7 +367,7 @@ impl Worker {
                 }
                 WorkerRequest::Relisten => self.relisten(),
                 // UDP flows only; a TCP worker has none.
-                WorkerRequest::EvictOldest => {}
+                WorkerRequest::EvictOldest { .. } => {}
             }
         }
         // A table with an idle timeout may have arrived.
