@@ -118,6 +118,17 @@ impl UdpBalancer {
         UdpBalancer::launch(Setup::default(), opts, servers)
     }
 
+    fn on_workers(workers: usize, opts: &[&str], servers: &[String]) -> UdpBalancer {
+        UdpBalancer::launch(
+            Setup {
+                workers,
+                ..Setup::default()
+            },
+            opts,
+            servers,
+        )
+    }
+
     fn launch(setup: Setup, opts: &[&str], servers: &[String]) -> UdpBalancer {
         for attempt in 1..=3 {
             let port = reserve_udp_port();
@@ -745,14 +756,7 @@ fn dash_x_bounds_the_flows_and_evicts_the_least_recently_used() {
 #[test]
 fn dash_x_holds_no_more_descriptors_than_flows_even_while_evicting() {
     let backends = named(2);
-    let balancer = UdpBalancer::launch(
-        Setup {
-            workers: 1,
-            ..Setup::default()
-        },
-        &["-x", "5"],
-        &specs(&backends),
-    );
+    let balancer = UdpBalancer::on_workers(1, &["-x", "5"], &specs(&backends));
     let baseline = balancer.settled_fds();
     let clients: Vec<Client> = (100..180).map(|o| balancer.client(o)).collect();
     let sampler = FdSampler::start(balancer.pid());
@@ -780,14 +784,7 @@ fn dash_x_holds_no_more_descriptors_than_flows_even_while_evicting() {
 #[test]
 fn dash_x_finds_the_flow_to_evict_on_any_worker() {
     let backends = named(2);
-    let balancer = UdpBalancer::launch(
-        Setup {
-            workers: 3,
-            ..Setup::default()
-        },
-        &["-x", "1"],
-        &specs(&backends),
-    );
+    let balancer = UdpBalancer::on_workers(3, &["-x", "1"], &specs(&backends));
     for octet in 160..184 {
         let client = balancer.client(octet);
         client.send(b"any slot");
@@ -808,14 +805,7 @@ fn dash_x_finds_the_flow_to_evict_on_any_worker() {
 #[test]
 fn evicting_a_flow_with_a_send_queued_never_crosses_replies() {
     let backends = named(2);
-    let balancer = UdpBalancer::launch(
-        Setup {
-            workers: 1,
-            ..Setup::default()
-        },
-        &["-x", "1"],
-        &specs(&backends),
-    );
+    let balancer = UdpBalancer::on_workers(1, &["-x", "1"], &specs(&backends));
     let threads: Vec<_> = [0, 1]
         .map(|id| {
             let client = balancer.client(120 + id as u8);
