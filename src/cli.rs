@@ -275,9 +275,9 @@ fn build_config(
     let blacklist_secs = number(m, "b")?.unwrap_or(defaults::BLACKLIST_SECS);
     // Pen silently keeps its defaults for -c 0 and -x 0 (its tables only
     // grow); we refuse them instead.
-    let clients_max = positive(m, "c")?.unwrap_or(defaults::CLIENTS_MAX);
+    let clients_max = table_size(m, "c")?.unwrap_or(defaults::CLIENTS_MAX);
     let tracking_secs = number(m, "T")?.unwrap_or(0);
-    let conn_max = positive(m, "x")?.unwrap_or(defaults::CONN_MAX);
+    let conn_max = table_size(m, "x")?.unwrap_or(defaults::CONN_MAX);
     let connect_timeout_secs = positive(m, "t")?.unwrap_or(defaults::CONNECT_TIMEOUT_SECS);
     let available = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
     let workers = positive(m, "workers")?.unwrap_or(available);
@@ -569,6 +569,18 @@ fn positive<T: FromStr + Default + PartialEq>(m: &ArgMatches, id: &str) -> Resul
         )));
     }
     Ok(n)
+}
+
+/// `-c` and `-x`: 1 to [`defaults::TABLE_MAX`], as `penctl` allows.
+fn table_size(m: &ArgMatches, id: &str) -> Result<Option<usize>, CliError> {
+    match positive(m, id)? {
+        Some(n) if n > defaults::TABLE_MAX => Err(CliError(format!(
+            "option {} value {n} is above the limit of {}",
+            spelling(id),
+            defaults::TABLE_MAX
+        ))),
+        n => Ok(n),
+    }
 }
 
 fn non_empty<'a>(value: &'a OsStr, id: &str) -> Result<&'a OsStr, CliError> {
@@ -1212,6 +1224,15 @@ mod tests {
             "option -t must be at least 1, got '0'"
         );
         assert!(error(&["-x", "00", "80", "127.0.0.1"]).contains("-x must be at least 1, got '00'"));
+        assert_eq!(
+            error(&["-c", "100000000000", "80", "127.0.0.1"]),
+            "option -c value 100000000000 is above the limit of 16777216"
+        );
+        assert_eq!(
+            error(&["-x", "16777217", "80", "127.0.0.1"]),
+            "option -x value 16777217 is above the limit of 16777216"
+        );
+        assert!(error(&["-c", "5000000000000000000", "80", "127.0.0.1"]).contains("above the limit"));
         assert!(error(&["-c", "0", "80", "127.0.0.1"]).contains("-c"));
         assert!(error(&["--workers", "0", "80", "127.0.0.1"]).contains("--workers"));
         assert!(error(&["--workers", "many", "80", "127.0.0.1"]).contains("--workers"));

@@ -110,6 +110,10 @@ pub mod defaults {
     pub const BLACKLIST_SECS: u64 = 30;
     pub const CLIENTS_MAX: usize = 2048;
     pub const CONN_MAX: usize = 500;
+    /// The largest `-c`/`clients_max` and `-x`/`conn_max`: the tables only
+    /// grow, and a slip of the keyboard must not make the balancer try to
+    /// allocate more memory than the machine has.
+    pub const TABLE_MAX: usize = 1 << 24;
     pub const CONNECT_TIMEOUT_SECS: u64 = 3;
     pub const ACCEPTS_PER_WAKEUP: u32 = 100;
     pub const BACKLOG: u32 = 500;

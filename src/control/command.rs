@@ -34,10 +34,7 @@ use crate::select::client_table::{ClientEntry, ClientKey};
 /// typo from doing that.
 pub const SERVERS_MAX: usize = 4096;
 
-/// The largest `clients_max` and `conn_max`: the tables only grow, and a
-/// slip of the keyboard must not make the balancer try to allocate more
-/// memory than the machine has.
-pub const TABLE_MAX: usize = 1 << 24;
+use crate::config::defaults::TABLE_MAX;
 
 /// How deeply `include` files may include others (an include loop stops
 /// here rather than recursing forever, as Pen's would).
