@@ -90,6 +90,16 @@ pub enum LogTarget {
     Udp(SocketAddr),
 }
 
+/// As `log` shows it and `write` writes it.
+impl std::fmt::Display for LogTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogTarget::File(path) => write!(f, "{}", path.display()),
+            LogTarget::Udp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
 /// The selection flags Pen calls the "mode" (`penctl mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Mode {

@@ -200,6 +200,43 @@ fn sighup_rereads_the_config_file_and_a_bad_file_changes_nothing() {
     wait_until("the reloaded weight", || weight().contains("weight 9"));
 }
 
+/// A `log` that cannot be opened, or a `listen` address that cannot be
+/// had, changes nothing: from penctl, and in a file reloaded by SIGHUP
+/// (where a `listen` of the address in use is no change at all).
+#[test]
+fn a_log_or_listen_that_cannot_be_had_changes_nothing() {
+    let a = Backend::named("A");
+    let dir = TempDir::new();
+    let file = dir.join("pen.cfg");
+    std::fs::write(&file, "").unwrap();
+    let log = dir.join("access.log").display().to_string();
+    let ctl = ControlPort::new();
+    let file_arg = file.display().to_string();
+    let lb = Balancer::start(
+        &["-u", "root", "-C", &ctl.addr(), "-F", &file_arg, "-l", &log],
+        &[a.spec()],
+    );
+    let reply = penctl(&ctl.addr(), "log /nonexistent/dir/x.log");
+    assert!(
+        reply.starts_with("log: cannot open /nonexistent/dir/x.log: "),
+        "{reply:?}"
+    );
+    assert_eq!(penctl(&ctl.addr(), "log"), format!("{log}\n"));
+
+    std::fs::write(&file, format!("listen {}\nlog /nonexistent/dir/y.log\n", lb.addr)).unwrap();
+    lb.signal("HUP");
+    lb.wait_for_stderr("cannot open /nonexistent/dir/y.log");
+    assert_eq!(penctl(&ctl.addr(), "log"), format!("{log}\n"));
+    assert_eq!(lb.ask(2), "A");
+
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std::fs::write(&file, format!("listen {}\n", holder.local_addr().unwrap())).unwrap();
+    lb.signal("HUP");
+    lb.wait_for_stderr("still listening on");
+    assert_eq!(penctl(&ctl.addr(), "listen"), format!("{}\n", lb.addr));
+    assert_eq!(lb.ask(3), "A");
+}
+
 #[test]
 fn a_bad_config_file_stops_the_start_with_its_line_number() {
     let dir = TempDir::new();

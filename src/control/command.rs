@@ -825,7 +825,7 @@ pub(crate) fn run(
                 });
                 effects.push(Effect::ReopenLog);
             }
-            state.log.as_ref().map(|t| line(log_text(t))).unwrap_or_default()
+            state.log.as_ref().map(line).unwrap_or_default()
         }
         Command::NoLog => {
             state.log = None;
@@ -959,14 +959,6 @@ pub(crate) fn pen_port(addr: &Endpoint) -> u16 {
     match addr {
         Endpoint::Inet(a) => a.port(),
         Endpoint::Unix(_) => 1,
-    }
-}
-
-/// A log target as `log` shows it and `write` writes it.
-pub(crate) fn log_text(target: &LogTarget) -> String {
-    match target {
-        LogTarget::File(path) => path.display().to_string(),
-        LogTarget::Udp(addr) => addr.to_string(),
     }
 }
 

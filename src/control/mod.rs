@@ -226,6 +226,14 @@ impl Control {
                 return Some(format!("listen: {e:#}\n"));
             }
         }
+        if let Some(at) = outcome.effects.iter().position(|e| *e == Effect::ReopenLog) {
+            // Likewise a log that cannot be opened.
+            outcome.effects.remove(at);
+            if let Err(e) = self.open_log() {
+                self.state = before;
+                return Some(format!("log: {e}\n"));
+            }
+        }
         if outcome.changed {
             self.changed();
         }
@@ -253,7 +261,11 @@ impl Control {
     fn apply_effects(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
-                Effect::ReopenLog => self.open_log(),
+                Effect::ReopenLog => {
+                    if let Err(e) = self.open_log() {
+                        tracing::error!("{e}");
+                    }
+                }
                 Effect::Relisten => {
                     if let Err(e) = self.relisten() {
                         tracing::error!("listen: {e:#}");
@@ -295,35 +307,49 @@ impl Control {
         Ok(())
     }
 
-    /// SIGHUP: reopen the log and re-read the `-F` file. A file with a bad
-    /// line changes nothing.
+    /// SIGHUP: re-read the `-F` file and reopen the log (rotation). A file
+    /// with a bad line changes nothing; a `listen` or `log` in it that
+    /// cannot be had keeps the old one, as `penctl` would.
     fn reload(&mut self) {
-        self.open_log();
-        let Some(path) = self.state.config_file.clone() else {
-            return;
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::error!(
+        let before = self.state.clone();
+        let mut effects = Vec::new();
+        if let Some(path) = self.state.config_file.clone() {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => match configfile::apply(&self.state, &text, &self.live()) {
+                    Ok((state, more)) => {
+                        self.state = state;
+                        effects = more;
+                        tracing::info!("SIGHUP: {} applied", path.display());
+                    }
+                    Err(e) => tracing::error!("SIGHUP: {}: {e}; configuration unchanged", path.display()),
+                },
+                Err(e) => tracing::error!(
                     "SIGHUP: cannot read {}: {e}; configuration unchanged",
                     path.display()
-                );
-                return;
+                ),
             }
-        };
-        match configfile::apply(&self.state, &text, &self.live()) {
-            Ok((state, effects)) => {
-                let changed = state != self.state;
-                self.state = state;
-                if changed {
-                    self.changed();
-                }
-                self.apply_effects(effects);
-                tracing::info!("SIGHUP: {} applied", path.display());
-            }
-            Err(e) => tracing::error!("SIGHUP: {}: {e}; configuration unchanged", path.display()),
         }
+        // Both done here, once, and only the listener if it moved.
+        effects.retain(|e| !matches!(e, Effect::ReopenLog | Effect::Relisten));
+        if let Err(e) = self.open_log() {
+            tracing::error!("SIGHUP: {e}");
+            if self.state.log != before.log {
+                self.state.log = before.log.clone();
+                if let Err(e) = self.open_log() {
+                    tracing::error!("SIGHUP: {e}");
+                }
+            }
+        }
+        if self.state.listen != before.listen {
+            if let Err(e) = self.relisten() {
+                tracing::error!("SIGHUP: listen: {e:#}; still listening on {}", before.listen);
+                self.state.listen = before.listen.clone();
+            }
+        }
+        if self.state != before {
+            self.changed();
+        }
+        self.apply_effects(effects);
     }
 
     fn metrics_text(&self) -> String {
@@ -365,15 +391,16 @@ impl Control {
     }
 
     /// Opens the `-l` / `log` target afresh (SIGHUP rotation, `log FILE`,
-    /// `no log`).
-    fn open_log(&self) {
+    /// `no log`); on failure the old sink stays.
+    fn open_log(&self) -> Result<(), String> {
         match &self.state.log {
             None => self.shared.log.replace(None),
-            Some(target) => match Sink::open(target) {
-                Ok(sink) => self.shared.log.replace(Some(sink)),
-                Err(e) => tracing::error!("cannot open log {target:?}: {e}"),
-            },
+            Some(target) => {
+                let sink = Sink::open(target).map_err(|e| format!("cannot open {target}: {e}"))?;
+                self.shared.log.replace(Some(sink));
+            }
         }
+        Ok(())
     }
 
     /// SIGUSR1: Pen writes the `-w` status page, or without one dumps

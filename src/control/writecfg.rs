@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::command::{log_text, pen_port};
+use super::command::pen_port;
 use super::state::{ControlState, FastClose, ServerConf};
 use crate::config::defaults;
 
@@ -46,7 +46,7 @@ pub fn write_config(state: &ControlState, file: &Path, now: &str) -> String {
     flag(&mut out, state.http, "http");
     match &state.log {
         Some(target) => {
-            let _ = writeln!(out, "log {}", log_text(target));
+            let _ = writeln!(out, "log {target}");
         }
         None => out.push_str("no log\n"),
     }
