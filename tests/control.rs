@@ -156,6 +156,47 @@ fn a_silent_control_client_does_not_slow_traffic() {
     drop((silent, trickle));
 }
 
+/// A flood of connections that never send a command holds at most a
+/// bounded number of descriptors (the rest are closed at once), traffic
+/// keeps flowing, and the control port answers again once they are gone.
+/// Connections waiting in the accept queue of the listener on
+/// 127.0.0.1:`port` (`rx_queue` of a listening socket in /proc/net/tcp).
+fn accept_queue(port: u16) -> Option<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let listening = fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A");
+        let rx = fields.get(4)?.split(':').nth(1)?;
+        listening.then(|| usize::from_str_radix(rx, 16).ok()).flatten()
+    })
+}
+
+#[test]
+fn a_flood_of_silent_control_clients_is_bounded() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    assert_eq!(lb.ask(2), "A");
+    let baseline = fd_count(lb.pid());
+    let silent: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(ctl.addr()).expect("connect to the control port"))
+        .collect();
+    wait_until("ringpen to accept every connection", || {
+        accept_queue(ctl.port.port) == Some(0)
+    });
+    let held = fd_count(lb.pid());
+    assert!(
+        held <= baseline + 64,
+        "{held} descriptors, {baseline} before the flood"
+    );
+    assert_eq!(lb.ask(3), "A");
+    drop(silent);
+    wait_until("the control port answers again", || {
+        penctl(&ctl.addr(), "pid") == format!("{}\n", lb.pid())
+    });
+}
+
 #[test]
 fn as_root_without_u_no_control_port_is_opened() {
     if !nix_is_root() {

@@ -61,13 +61,6 @@ fn reserve_udp_port() -> Port {
     panic!("no port free for both TCP and UDP in 100 tries");
 }
 
-/// Open descriptors of process `pid`.
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
-        .count()
-}
-
 // ---------------------------------------------------------------------------
 // The balancer
 // ---------------------------------------------------------------------------

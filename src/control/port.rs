@@ -3,16 +3,17 @@
 //!
 //! Unlike Pen, which reads the command with a blocking recv on its only
 //! thread (so a silent client freezes all traffic), every control client
-//! here is its own task with a read deadline, on the control thread, away
-//! from the data plane.
+//! here is its own task with read and write deadlines, on the control
+//! thread, away from the data plane, and at most [`CLIENTS_MAX`] at once.
 
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Endpoint;
 
@@ -20,6 +21,12 @@ use crate::config::Endpoint;
 const COMMAND_MAX: usize = 4095;
 /// How long a client may take to send its command line.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a client may take to read its reply.
+const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Control (and, apart, metrics) clients served at once; more are closed at
+/// once, so that a flood of idle connections cannot take the descriptors
+/// the data plane needs.
+const CLIENTS_MAX: usize = 64;
 
 /// What the control port and the metrics endpoint ask of the control loop,
 /// which alone owns the state.
@@ -54,6 +61,7 @@ impl ControlSocket {
 
 /// Accepts control clients forever, one task each.
 pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(CLIENTS_MAX));
     match socket {
         ControlSocket::Tcp(std) => {
             std.set_nonblocking(true)?;
@@ -62,7 +70,7 @@ pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>
                 match listener.accept().await {
                     Ok((stream, peer)) => {
                         let ip = crate::dataplane::canonical_ip(peer.ip());
-                        tokio_uring::spawn(client(stream, Some(ip), requests.clone()));
+                        spawn_bounded(&slots, client(stream, Some(ip), requests.clone()));
                     }
                     Err(e) => pause_after_accept_error(e).await,
                 }
@@ -74,12 +82,26 @@ pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
-                        tokio_uring::spawn(client(stream, None, requests.clone()));
+                        spawn_bounded(&slots, client(stream, None, requests.clone()));
                     }
                     Err(e) => pause_after_accept_error(e).await,
                 }
             }
         }
+    }
+}
+
+/// Runs a client's task if fewer than [`CLIENTS_MAX`] are running; else
+/// drops it, which closes its connection.
+fn spawn_bounded(slots: &Arc<Semaphore>, task: impl std::future::Future<Output = ()> + 'static) {
+    match slots.clone().try_acquire_owned() {
+        Ok(slot) => {
+            tokio_uring::spawn(async move {
+                task.await;
+                drop(slot);
+            });
+        }
+        Err(_) => tracing::debug!("control thread: {CLIENTS_MAX} clients already, closing another"),
     }
 }
 
@@ -107,9 +129,9 @@ where
         return;
     }
     if let Ok(Some(text)) = answer.await {
-        let _ = stream.write_all(text.as_bytes()).await;
+        let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(text.as_bytes())).await;
     }
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(WRITE_DEADLINE, stream.shutdown()).await;
 }
 
 /// Reads until a newline, EOF or `COMMAND_MAX` bytes: penctl sends the
@@ -140,11 +162,10 @@ pub async fn serve_metrics(
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let slots = Arc::new(Semaphore::new(CLIENTS_MAX));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio_uring::spawn(scrape(stream, requests.clone()));
-            }
+            Ok((stream, _)) => spawn_bounded(&slots, scrape(stream, requests.clone())),
             Err(e) => pause_after_accept_error(e).await,
         }
     }
@@ -172,6 +193,9 @@ async fn scrape(mut stream: tokio::net::TcpStream, requests: mpsc::Sender<Contro
         String::new()
     };
     let response = super::metrics::respond(&head, || body);
-    let _ = stream.write_all(&response).await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(WRITE_DEADLINE, async {
+        let _ = stream.write_all(&response).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }

@@ -338,6 +338,13 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .count()
+}
+
 /// Runs Debian's `penctl ADDR words...` and returns what it printed.
 pub fn penctl(addr: &str, command: &str) -> String {
     let output = Command::new("penctl")
