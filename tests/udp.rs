@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::Child;
