@@ -113,7 +113,7 @@ pub trait Live {
     }
     /// Reads a file named by `include`.
     fn read_file(&self, path: &Path) -> io::Result<String> {
-        std::fs::read_to_string(path)
+        super::files::read_text(path)
     }
 }
 

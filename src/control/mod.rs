@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod configfile;
+pub mod files;
 pub mod live;
 pub mod metrics;
 pub mod port;
@@ -283,7 +284,7 @@ impl Control {
                     }
                 }
                 Effect::WriteFile { path, contents } => {
-                    if let Err(e) = std::fs::write(&path, contents) {
+                    if let Err(e) = files::write_text(&path, &contents) {
                         tracing::warn!("cannot write {}: {e}", path.display());
                     }
                 }
@@ -314,7 +315,7 @@ impl Control {
         let before = self.state.clone();
         let mut effects = Vec::new();
         if let Some(path) = self.state.config_file.clone() {
-            match std::fs::read_to_string(&path) {
+            match files::read_text(&path) {
                 Ok(text) => match configfile::apply(&self.state, &text, &self.live()) {
                     Ok((state, more)) => {
                         self.state = state;
@@ -414,7 +415,7 @@ impl Control {
                     &self.latencies,
                     &self.shared,
                 ));
-                if let Err(e) = std::fs::write(path, html) {
+                if let Err(e) = files::write_text(path, &html) {
                     tracing::warn!("cannot write {}: {e}", path.display());
                 }
             }
