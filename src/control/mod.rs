@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::accesslog::Sink;
 use crate::dataplane::Shared;
 use crate::routing::{epoch_now, CounterBank, RoutingTable};
+use crate::select::client_table::ClientTable;
 use crate::select::Target;
 use command::Effect;
 use port::{ControlRequest, ControlSocket};
@@ -245,11 +246,17 @@ impl Control {
     /// After any change of the state: the client table follows its
     /// settings, and the workers get a new table.
     fn changed(&mut self) {
-        {
+        // A bigger client table is made before taking the lock the workers
+        // take for every new connection, and the old one freed after it.
+        let wanted = self.state.clients_max;
+        let capacity = self.shared.clients.lock().capacity();
+        let room = (wanted > capacity).then(|| ClientTable::room_for(wanted));
+        let unused = {
             let mut clients = self.shared.clients.lock();
-            clients.grow(self.state.clients_max);
             clients.set_tracking_secs(self.state.tracking_secs);
-        }
+            room.map(|room| clients.grow_into(room))
+        };
+        drop(unused);
         if self.state.conn_max > self.descriptors_reserved_for {
             self.descriptors_reserved_for = self.state.conn_max;
             crate::process::reserve_descriptors_or_warn(self.state.conn_max);

@@ -153,12 +153,39 @@ impl ClientTable {
     /// Raises the slot count to `capacity`; like Pen's `clients_max`, the
     /// table never shrinks, so a smaller value changes nothing.
     pub fn grow(&mut self, capacity: usize) {
-        if capacity <= self.slots.len() {
-            return;
+        drop(self.grow_into(ClientTable::room_for(capacity)));
+    }
+
+    /// Storage for a table of `capacity` slots. Making it takes time in
+    /// proportion to `capacity` (seconds for millions of slots), so it is
+    /// made apart from the table the workers use, and [`grow_into`]
+    /// (`Self::grow_into`) then takes time only in proportion to the
+    /// clients already there.
+    pub fn room_for(capacity: usize) -> Room {
+        let capacity = capacity.max(1);
+        Room {
+            slots: vec![Slot::default(); capacity],
+            by_key: HashMap::with_capacity(index_capacity(capacity)),
+            ages: MinTree::new(capacity, UNUSED),
         }
-        self.slots.resize(capacity, Slot::default());
-        self.by_key.reserve(index_capacity(capacity) - self.by_key.len());
-        self.ages.grow(capacity, UNUSED);
+    }
+
+    /// Moves the table into `room` if that has more slots (see
+    /// [`grow`](Self::grow)), and returns the storage no longer used, to be
+    /// freed outside any lock.
+    pub fn grow_into(&mut self, mut room: Room) -> Room {
+        if room.slots.len() <= self.slots.len() {
+            return room;
+        }
+        room.slots[..self.slots.len()].copy_from_slice(&self.slots);
+        for (&key, &slot) in &self.by_key {
+            room.by_key.insert(key, slot);
+            room.ages.set(slot, age(self.slots[slot].last));
+        }
+        std::mem::swap(&mut self.slots, &mut room.slots);
+        std::mem::swap(&mut self.by_key, &mut room.by_key);
+        std::mem::swap(&mut self.ages, &mut room.ages);
+        room
     }
 
     /// `tracking N` at run time: the expiry applies from the next visit.
@@ -181,9 +208,14 @@ impl ClientTable {
         self.by_key.is_empty()
     }
 
-    /// The occupied slots, by index.
+    /// The occupied slots, by index; found through the address index, so
+    /// a big table with few clients is not scanned whole (under the lock
+    /// the workers take).
     pub fn iter(&self) -> impl Iterator<Item = ClientEntry> + '_ {
-        self.slots.iter().enumerate().filter_map(|(slot, s)| {
+        let mut occupied: Vec<usize> = self.by_key.values().copied().collect();
+        occupied.sort_unstable();
+        occupied.into_iter().filter_map(|slot| {
+            let s = &self.slots[slot];
             s.key.map(|key| ClientEntry {
                 slot,
                 key,
@@ -195,6 +227,13 @@ impl ClientTable {
             })
         })
     }
+}
+
+/// A bigger table's storage, from [`ClientTable::room_for`].
+pub struct Room {
+    slots: Vec<Slot>,
+    by_key: HashMap<ClientKey, usize>,
+    ages: MinTree,
 }
 
 /// The client table shared by the workers: every access is short, so one

@@ -6,7 +6,6 @@
 /// Keys for indices `0..len`, each inner node holding its subtree's minimum.
 #[derive(Clone, Debug)]
 pub(super) struct MinTree {
-    len: usize,
     /// Leaf count: `len` rounded up to a power of two.
     leaves: usize,
     /// `nodes[1]` is the root, `nodes[2k]`/`nodes[2k+1]` the children of `k`,
@@ -18,13 +17,14 @@ pub(super) struct MinTree {
 impl MinTree {
     /// `len` (at least 1) indices, all with key `fill`.
     pub(super) fn new(len: usize, fill: u64) -> Self {
-        let mut tree = MinTree {
-            len: 0,
-            leaves: 0,
-            nodes: Vec::new(),
-        };
-        tree.rebuild(len.max(1), |_| fill);
-        tree
+        let len = len.max(1);
+        let leaves = len.next_power_of_two();
+        let mut nodes = vec![u64::MAX; 2 * leaves];
+        nodes[leaves..leaves + len].fill(fill);
+        for node in (1..leaves).rev() {
+            nodes[node] = nodes[2 * node].min(nodes[2 * node + 1]);
+        }
+        MinTree { leaves, nodes }
     }
 
     pub(super) fn set(&mut self, index: usize, key: u64) {
@@ -67,28 +67,6 @@ impl MinTree {
             };
         }
         node - self.leaves
-    }
-
-    /// Extends to `len` indices; the new ones get key `fill`.
-    pub(super) fn grow(&mut self, len: usize, fill: u64) {
-        if len <= self.len {
-            return;
-        }
-        let old = std::mem::take(&mut self.nodes);
-        let (old_len, old_leaves) = (self.len, self.leaves);
-        self.rebuild(len, |i| if i < old_len { old[old_leaves + i] } else { fill });
-    }
-
-    fn rebuild(&mut self, len: usize, key: impl Fn(usize) -> u64) {
-        let leaves = len.next_power_of_two();
-        let mut nodes = vec![u64::MAX; 2 * leaves];
-        for (i, slot) in nodes[leaves..leaves + len].iter_mut().enumerate() {
-            *slot = key(i);
-        }
-        for node in (1..leaves).rev() {
-            nodes[node] = nodes[2 * node].min(nodes[2 * node + 1]);
-        }
-        *self = MinTree { len, leaves, nodes };
     }
 }
 
@@ -150,18 +128,5 @@ mod tests {
         assert_eq!(t.first_at_most(u64::MAX - 1), Some(0));
         t.set(0, u64::MAX);
         assert_eq!(t.first_min(), 2);
-    }
-
-    #[test]
-    fn grow_keeps_keys_and_fills_new_indices() {
-        let mut t = MinTree::new(3, 9);
-        t.set(1, 4);
-        t.grow(6, 2);
-        assert_eq!((t.first_min(), t.first_at_most(4)), (3, Some(1)));
-        t.set(5, 1);
-        assert_eq!(t.first_min(), 5);
-        // Shrinking is not growing: nothing changes.
-        t.grow(2, 0);
-        assert_eq!((t.first_min(), t.first_at_most(0)), (5, None));
     }
 }
