@@ -91,8 +91,9 @@ impl BufRing {
             available: 0,
         };
         // SAFETY: the ring mapping is page-aligned, sized for `entries`
-        // descriptors, and lives in `this` until after it is unregistered
-        // (see Drop, which the owner runs before the io_uring is dropped).
+        // descriptors, and lives in `this`; every owner declares its io_uring
+        // before this field, so the ring (and with it the registration) is
+        // dropped before the mapping is unmapped.
         unsafe {
             submitter.register_buf_ring_with_flags(this.ring.ptr.as_ptr() as u64, entries, group, 0)?;
         }

@@ -380,8 +380,9 @@ impl Worker {
         let current = self.shared.listener.load_full();
         if !Arc::ptr_eq(&current, &self.listener) {
             self.cancel_accept();
-            // The old socket stays open (held by the control thread) until
-            // the cancelled accept has completed; the next arm uses the new one.
+            // Dropping our handle is safe: the accept being cancelled holds
+            // the kernel's own reference to the old socket, which the control
+            // thread has already shut down. The next arm uses the new one.
             self.listener = current;
         }
     }
