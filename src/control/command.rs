@@ -108,13 +108,18 @@ pub trait Live {
     /// Pen's `pen_aton` for a host name: the first address the resolver
     /// gives. Address literals are parsed here and never get this far.
     fn resolve(&self, host: &str) -> Option<IpAddr> {
-        use std::net::ToSocketAddrs;
-        (host, 0).to_socket_addrs().ok()?.next().map(|a| a.ip())
+        resolve_blocking(host)
     }
     /// Reads a file named by `include`.
     fn read_file(&self, path: &Path) -> io::Result<String> {
         super::files::read_text(path)
     }
+}
+
+/// The first address the system resolver gives for `host`, waiting for it.
+pub fn resolve_blocking(host: &str) -> Option<IpAddr> {
+    use std::net::ToSocketAddrs;
+    (host, 0).to_socket_addrs().ok()?.next().map(|a| a.ip())
 }
 
 /// What only the control thread can do, in the order it should happen.
@@ -292,6 +297,32 @@ pub enum Command {
 }
 
 impl Command {
+    /// The host names running this command would look up (address
+    /// literals and Unix paths need none), so that they can be looked up
+    /// beforehand, away from the control thread.
+    pub fn host_names(&self) -> Vec<&str> {
+        let names: Vec<&str> = match self {
+            Command::Server { fields, .. } => fields
+                .iter()
+                .filter_map(|field| match field {
+                    ServerField::Address(text) if !text.contains('/') => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect(),
+            Command::Listen(Some(Place::Net { host, .. })) | Command::Log(Some(Place::Net { host, .. }))
+                if !host.is_empty() =>
+            {
+                vec![host.as_str()]
+            }
+            Command::Source(text) => vec![text.as_str()],
+            _ => Vec::new(),
+        };
+        names
+            .into_iter()
+            .filter(|name| name.parse::<IpAddr>().is_err())
+            .collect()
+    }
+
     /// Whether a configuration file (`-F`, `include`) may hold this
     /// command. Commands that act on the running process rather than on
     /// the configuration may not: a reload must not stop the balancer, drop
@@ -1573,6 +1604,28 @@ pub(crate) mod tests {
             assert_eq!(out.matches('\n').count(), 1, "{out}");
         }
         assert_eq!(s, pen_state());
+    }
+
+    #[test]
+    fn host_names_are_those_a_command_would_look_up() {
+        let names = |line: &str| -> Vec<String> {
+            parse(line)
+                .unwrap()
+                .host_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(
+            names("server 2 address db1.example port 3306 address ::1 address /run/x.sock"),
+            ["db1.example"]
+        );
+        assert_eq!(names("listen db2.example:3306"), ["db2.example"]);
+        assert_eq!(names("listen :3306"), Vec::<String>::new());
+        assert_eq!(names("log logs.example:514"), ["logs.example"]);
+        assert_eq!(names("source 10.0.0.5"), Vec::<String>::new());
+        assert_eq!(names("source lb.example"), ["lb.example"]);
+        assert_eq!(names("servers"), Vec::<String>::new());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! shared counters, the client table and the connection registry; and the
 //! reduced view used at start-up, before any of those exist.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
 use super::command::{ConnectionInfo, Live, ServerStats};
@@ -21,9 +23,19 @@ pub struct Running<'a> {
     pub counters: &'a CounterBank,
     /// The last health check's latency per server.
     pub latencies: &'a [Option<std::time::Duration>],
+    /// Host names the control port looked up before passing the command on
+    /// (`None`: no answer). Other names are looked up here, blocking.
+    pub resolved: &'a HashMap<String, Option<IpAddr>>,
 }
 
 impl Live for Running<'_> {
+    fn resolve(&self, host: &str) -> Option<IpAddr> {
+        match self.resolved.get(host) {
+            Some(answer) => *answer,
+            None => super::command::resolve_blocking(host),
+        }
+    }
+
     fn server_stats(&self, index: usize) -> ServerStats {
         self.counters
             .servers

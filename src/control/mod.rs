@@ -13,7 +13,7 @@ pub mod state;
 pub mod webstats;
 pub mod writecfg;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -198,13 +198,25 @@ impl Control {
             shared: &self.shared,
             counters: &self.counters,
             latencies: &self.latencies,
+            resolved: &NOTHING_RESOLVED,
         }
     }
 
-    /// One control-port command line: Pen's `do_ctrl` and `do_cmd`.
-    fn run_command(&mut self, line: &str, peer: Option<IpAddr>) -> Option<String> {
+    /// Whether `control_acl` lets `peer` run commands.
+    fn permits(&self, peer: Option<IpAddr>) -> bool {
         let acl = &self.state.acls[usize::from(self.state.control_acl)];
-        if !crate::select::acl::permits(acl, peer) {
+        crate::select::acl::permits(acl, peer)
+    }
+
+    /// One control-port command line: Pen's `do_ctrl` and `do_cmd`.
+    /// `resolved`: its host names, looked up by the control port's task.
+    fn run_command(
+        &mut self,
+        line: &str,
+        peer: Option<IpAddr>,
+        resolved: &HashMap<String, Option<IpAddr>>,
+    ) -> Option<String> {
+        if !self.permits(peer) {
             // Pen closes without a word.
             tracing::info!("control port: {peer:?} denied by control_acl");
             return None;
@@ -217,6 +229,7 @@ impl Control {
             shared: &self.shared,
             counters: &self.counters,
             latencies: &self.latencies,
+            resolved,
         };
         let before = self.state.clone();
         let mut outcome = command::execute(&mut self.state, command, &live);
@@ -492,6 +505,11 @@ pub fn initial_state(config: &crate::config::Config) -> anyhow::Result<ControlSt
     Ok(state)
 }
 
+/// For the commands that come from elsewhere than the control port (the
+/// `-F` file on SIGHUP): their host names are looked up when they run.
+static NOTHING_RESOLVED: std::sync::LazyLock<HashMap<String, Option<IpAddr>>> =
+    std::sync::LazyLock::new(HashMap::new);
+
 /// The tracing target of SIGUSR1's statistics, shown at every `-d` level.
 pub const STATS_TARGET: &str = "ringpen::stats";
 
@@ -532,9 +550,12 @@ async fn serve(
             Some(report) = health_reports.recv() => control.on_health(report),
             Some(event) = events.recv() => control.on_event(event),
             Some(request) = requests.recv() => match request {
-                ControlRequest::Command { line, peer, reply } => {
-                    let _ = reply.send(control.run_command(&line, peer));
+                ControlRequest::Command { line, peer, resolved, reply } => {
+                    let _ = reply.send(control.run_command(&line, peer, &resolved));
                     checks.update(&mut control, &health_tx);
+                }
+                ControlRequest::Permitted { peer, reply } => {
+                    let _ = reply.send(control.permits(peer));
                 }
                 ControlRequest::Metrics { reply } => {
                     let _ = reply.send(control.metrics_text());

@@ -6,6 +6,7 @@
 //! here is its own task with read and write deadlines, on the control
 //! thread, away from the data plane, and at most [`CLIENTS_MAX`] at once.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::config::Endpoint;
 const COMMAND_MAX: usize = 4095;
 /// How long a client may take to send its command line.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a host name a command names may take to resolve.
+const RESOLVE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a client may take to read its reply.
 const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// Control (and, apart, metrics) clients served at once; more are closed at
@@ -36,8 +39,16 @@ pub enum ControlRequest {
         line: String,
         /// The client's address (None for a Unix socket client).
         peer: Option<IpAddr>,
+        /// The host names the command names, already looked up.
+        resolved: HashMap<String, Option<IpAddr>>,
         /// Where the reply goes; `None` closes without a reply (ACL denial).
         reply: oneshot::Sender<Option<String>>,
+    },
+    /// Whether `control_acl` lets this client run commands, asked before
+    /// looking up host names for it.
+    Permitted {
+        peer: Option<IpAddr>,
+        reply: oneshot::Sender<bool>,
     },
     /// The Prometheus text for `GET /metrics`.
     Metrics { reply: oneshot::Sender<String> },
@@ -120,9 +131,15 @@ where
     let Ok(Some(line)) = tokio::time::timeout(READ_DEADLINE, read_command(&mut stream)).await else {
         return; // silent, too slow or gone: drop it, nothing else waits
     };
+    let resolved = resolve_ahead(&line, peer, &requests).await;
     let (reply, answer) = oneshot::channel();
     if requests
-        .send(ControlRequest::Command { line, peer, reply })
+        .send(ControlRequest::Command {
+            line,
+            peer,
+            resolved,
+            reply,
+        })
         .await
         .is_err()
     {
@@ -132,6 +149,44 @@ where
         let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(text.as_bytes())).await;
     }
     let _ = tokio::time::timeout(WRITE_DEADLINE, stream.shutdown()).await;
+}
+
+/// Looks up the host names the command names on tokio's blocking pool, so
+/// that a slow resolver delays only this client, never the control thread
+/// (health checks, metrics, other clients).
+/// Only for a client `control_acl` permits: no one else makes ringpen
+/// query its resolver.
+async fn resolve_ahead(
+    line: &str,
+    peer: Option<IpAddr>,
+    requests: &mpsc::Sender<ControlRequest>,
+) -> HashMap<String, Option<IpAddr>> {
+    let mut resolved = HashMap::new();
+    let Ok(command) = super::command::parse(line) else {
+        return resolved;
+    };
+    let names = command.host_names();
+    if names.is_empty() {
+        return resolved;
+    }
+    let (reply, answer) = oneshot::channel();
+    if requests
+        .send(ControlRequest::Permitted { peer, reply })
+        .await
+        .is_err()
+        || answer.await != Ok(true)
+    {
+        return resolved;
+    }
+    for name in names {
+        let answer = tokio::time::timeout(RESOLVE_DEADLINE, tokio::net::lookup_host((name, 0))).await;
+        let ip = match answer {
+            Ok(Ok(mut addresses)) => addresses.next().map(|a| a.ip()),
+            _ => None,
+        };
+        resolved.insert(name.to_owned(), ip);
+    }
+    resolved
 }
 
 /// Reads until a newline, EOF or `COMMAND_MAX` bytes: penctl sends the
