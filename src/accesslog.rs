@@ -10,6 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -72,8 +73,16 @@ impl Sink {
     }
 }
 
+/// Non-blocking, which changes nothing for a regular file: a FIFO without
+/// a reader is refused at once (ENXIO) instead of stalling the control
+/// thread in `open`, and one whose reader falls behind loses lines instead
+/// of stalling the workers that write them.
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// The log as workers see it: swapped whole when SIGHUP reopens it.
@@ -124,6 +133,17 @@ impl AccessLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_without_reader_is_refused_at_once() {
+        let dir = std::env::temp_dir().join(format!("ringpen-accesslog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("log.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = Sink::open(&LogTarget::File(fifo)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENXIO));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn file_line_is_pens_format() {
