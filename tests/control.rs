@@ -156,9 +156,6 @@ fn a_silent_control_client_does_not_slow_traffic() {
     drop((silent, trickle));
 }
 
-/// A flood of connections that never send a command holds at most a
-/// bounded number of descriptors (the rest are closed at once), traffic
-/// keeps flowing, and the control port answers again once they are gone.
 /// Connections waiting in the accept queue of the listener on
 /// 127.0.0.1:`port` (`rx_queue` of a listening socket in /proc/net/tcp).
 fn accept_queue(port: u16) -> Option<usize> {
@@ -172,6 +169,9 @@ fn accept_queue(port: u16) -> Option<usize> {
     })
 }
 
+/// A flood of connections that never send a command holds at most a
+/// bounded number of descriptors (the rest are closed at once), traffic
+/// keeps flowing, and the control port answers again once they are gone.
 #[test]
 fn a_flood_of_silent_control_clients_is_bounded() {
     let a = Backend::named("A");
@@ -263,6 +263,22 @@ fn a_log_or_listen_that_cannot_be_had_changes_nothing() {
         "{reply:?}"
     );
     assert_eq!(penctl(&ctl.addr(), "log"), format!("{log}\n"));
+    // A good listen and then a bad log in one include: neither happens.
+    let elsewhere = Port::reserve();
+    let include = dir.join("move.cfg");
+    let moved = format!(
+        "listen 127.0.0.1:{}\nlog /nonexistent/dir/z.log\n",
+        elsewhere.port
+    );
+    std::fs::write(&include, moved).unwrap();
+    let reply = penctl(&ctl.addr(), &format!("include {}", include.display()));
+    assert!(
+        reply.starts_with("log: cannot open /nonexistent/dir/z.log: "),
+        "{reply:?}"
+    );
+    assert_eq!(penctl(&ctl.addr(), "listen"), format!("{}\n", lb.addr));
+    assert!(!is_listening(elsewhere.port), "the include's listen was bound");
+    assert_eq!(lb.ask(4), "A");
 
     std::fs::write(&file, format!("listen {}\nlog /nonexistent/dir/y.log\n", lb.addr)).unwrap();
     lb.signal("HUP");
@@ -373,6 +389,26 @@ fn the_control_acl_closes_without_a_reply() {
     penctl(&ctl.addr(), "acl 2 deny 127.0.0.1");
     penctl(&ctl.addr(), "control_acl 2");
     assert_eq!(penctl(&ctl.addr(), "servers"), "");
+}
+
+/// Hosts `control_acl` denies are closed at accept, before they take one
+/// of the control port's client slots: a flood of them cannot lock out a
+/// permitted operator.
+#[test]
+fn denied_hosts_cannot_crowd_out_the_control_port() {
+    let a = Backend::named("A");
+    let ctl = ControlPort::new();
+    let _lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    penctl(&ctl.addr(), "acl 2 deny 127.0.0.2");
+    penctl(&ctl.addr(), "acl 2 permit 0.0.0.0 0.0.0.0");
+    penctl(&ctl.addr(), "control_acl 2");
+    let control: std::net::SocketAddr = ctl.addr().parse().unwrap();
+    let denied: Vec<TcpStream> = (0..100).map(|_| connect_from(client_ip(2), control)).collect();
+    wait_until("ringpen to accept every connection", || {
+        accept_queue(ctl.port.port) == Some(0)
+    });
+    assert!(penctl(&ctl.addr(), "servers").starts_with("0 addr"));
+    drop(denied);
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod writecfg;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,14 +127,17 @@ impl Control {
     /// A check result: record the latency; a change of health is published
     /// (and, with `--on-down close`, a server going down loses its clients).
     fn on_health(&mut self, report: HealthReport) {
+        let Some(conf) = self.state.servers.get_mut(report.server) else {
+            return;
+        };
+        if conf.spec.addr != crate::config::Endpoint::Inet(report.addr) {
+            return; // about an address the server no longer has
+        }
         if self.latencies.len() <= report.server {
             self.latencies.resize(report.server + 1, None);
         }
         self.latencies[report.server] = Some(report.latency);
-        let Some(conf) = self.state.servers.get_mut(report.server) else {
-            return;
-        };
-        if conf.spec.addr != crate::config::Endpoint::Inet(report.addr) || conf.health == report.health {
+        if conf.health == report.health {
             return;
         }
         tracing::warn!(
@@ -233,21 +237,29 @@ impl Control {
         };
         let before = self.state.clone();
         let mut outcome = command::execute(&mut self.state, command, &live);
-        if let Some(at) = outcome.effects.iter().position(|e| *e == Effect::Relisten) {
-            // Bind first: an address that cannot be had changes nothing.
-            outcome.effects.remove(at);
-            if let Err(e) = self.relisten() {
+        // What can fail is had first, and only then swapped in: an address
+        // that cannot be bound or a log that cannot be opened (even one
+        // after the other, from an `include`) changes nothing.
+        let (relisten, reopen) = take_fallible_effects(&mut outcome.effects);
+        let listener = match relisten.then(|| self.bind_listener()).transpose() {
+            Ok(listener) => listener,
+            Err(e) => {
                 self.state = before;
                 return Some(format!("listen: {e:#}\n"));
             }
-        }
-        if let Some(at) = outcome.effects.iter().position(|e| *e == Effect::ReopenLog) {
-            // Likewise a log that cannot be opened.
-            outcome.effects.remove(at);
-            if let Err(e) = self.open_log() {
+        };
+        let sink = match reopen.then(|| self.open_sink()).transpose() {
+            Ok(sink) => sink,
+            Err(e) => {
                 self.state = before;
                 return Some(format!("log: {e}\n"));
             }
+        };
+        if let Some(listener) = listener {
+            self.install_listener(listener);
+        }
+        if let Some(sink) = sink {
+            self.shared.log.replace(sink);
         }
         if outcome.changed {
             self.changed();
@@ -316,16 +328,26 @@ impl Control {
 
     /// `listen`: a new listening socket, handed to the workers.
     fn relisten(&mut self) -> anyhow::Result<()> {
+        let listener = self.bind_listener()?;
+        self.install_listener(listener);
+        Ok(())
+    }
+
+    /// A socket listening on `state.listen`, not yet in use.
+    fn bind_listener(&self) -> anyhow::Result<OwnedFd> {
         anyhow::ensure!(
             !self.state.udp,
             "the UDP listener cannot be moved; restart ringpen instead"
         );
-        let fd = crate::dataplane::listener::bind(&self.state.listen, self.backlog)?;
-        let old = self.shared.listener.swap(Arc::new(fd));
+        crate::dataplane::listener::bind(&self.state.listen, self.backlog)
+    }
+
+    /// Makes the workers accept from `listener` instead.
+    fn install_listener(&self, listener: OwnedFd) {
+        let old = self.shared.listener.swap(Arc::new(listener));
         self.shared.request_all(crate::dataplane::WorkerRequest::Relisten);
         // Free the old port now; the workers drop their handles soon.
         crate::dataplane::listener::shutdown(&old);
-        Ok(())
     }
 
     /// SIGHUP: re-read the `-F` file and reopen the log (rotation). A file
@@ -351,7 +373,7 @@ impl Control {
             }
         }
         // Both done here, once, and only the listener if it moved.
-        effects.retain(|e| !matches!(e, Effect::ReopenLog | Effect::Relisten));
+        let _ = take_fallible_effects(&mut effects);
         if let Err(e) = self.open_log() {
             tracing::error!("SIGHUP: {e}");
             if self.state.log != before.log {
@@ -414,14 +436,18 @@ impl Control {
     /// Opens the `-l` / `log` target afresh (SIGHUP rotation, `log FILE`,
     /// `no log`); on failure the old sink stays.
     fn open_log(&self) -> Result<(), String> {
-        match &self.state.log {
-            None => self.shared.log.replace(None),
-            Some(target) => {
-                let sink = Sink::open(target).map_err(|e| format!("cannot open {target}: {e}"))?;
-                self.shared.log.replace(Some(sink));
-            }
-        }
+        let sink = self.open_sink()?;
+        self.shared.log.replace(sink);
         Ok(())
+    }
+
+    /// A sink for `state.log` (None: no log), not yet in use.
+    fn open_sink(&self) -> Result<Option<Sink>, String> {
+        self.state
+            .log
+            .as_ref()
+            .map(|target| Sink::open(target).map_err(|e| format!("cannot open {target}: {e}")))
+            .transpose()
     }
 
     /// SIGUSR1: Pen writes the `-w` status page, or without one dumps
@@ -503,6 +529,15 @@ pub fn initial_state(config: &crate::config::Config) -> anyhow::Result<ControlSt
         "no backend servers given, on the command line or in the -F file"
     );
     Ok(state)
+}
+
+/// Takes `Relisten` and `ReopenLog` out of `effects` (an `include` can
+/// bring several); says whether each was there.
+fn take_fallible_effects(effects: &mut Vec<Effect>) -> (bool, bool) {
+    let relisten = effects.contains(&Effect::Relisten);
+    let reopen = effects.contains(&Effect::ReopenLog);
+    effects.retain(|e| !matches!(e, Effect::Relisten | Effect::ReopenLog));
+    (relisten, reopen)
 }
 
 /// For the commands that come from elsewhere than the control port (the
@@ -613,25 +648,22 @@ impl HealthTasks {
             .into_iter()
             .filter(|(server, _)| !self.running.contains_key(server))
             .collect();
+        let options = std::rc::Rc::new(options);
         let interval = options.interval.max(crate::health::MIN_INTERVAL);
         let start = tokio::time::Instant::now();
         for (i, &(server, addr)) in new.iter().enumerate() {
             let first = start + interval / new.len() as u32 * i as u32;
             let reports = reports.clone();
-            let checker = crate::health::HealthChecker::new(vec![(server, addr)], options.clone());
-            let task = tokio_uring::spawn(async move {
-                checker
-                    .run_from(first, move |server, health, latency, reason| {
-                        let _ = reports.send(HealthReport {
-                            server,
-                            addr,
-                            health,
-                            latency,
-                            reason,
-                        });
-                    })
-                    .await
-            });
+            let report = move |server, health, latency, reason| {
+                let _ = reports.send(HealthReport {
+                    server,
+                    addr,
+                    health,
+                    latency,
+                    reason,
+                });
+            };
+            let task = crate::health::watch(server, addr, options.clone(), first, std::rc::Rc::new(report));
             self.running.insert(server, (addr, task));
         }
     }

@@ -44,8 +44,7 @@ pub enum ControlRequest {
         /// Where the reply goes; `None` closes without a reply (ACL denial).
         reply: oneshot::Sender<Option<String>>,
     },
-    /// Whether `control_acl` lets this client run commands, asked before
-    /// looking up host names for it.
+    /// Whether `control_acl` lets this client in, asked at accept.
     Permitted {
         peer: Option<IpAddr>,
         reply: oneshot::Sender<bool>,
@@ -81,7 +80,12 @@ pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>
                 match listener.accept().await {
                     Ok((stream, peer)) => {
                         let ip = crate::dataplane::canonical_ip(peer.ip());
-                        spawn_bounded(&slots, client(stream, Some(ip), requests.clone()));
+                        // Before it takes a slot: a denied host must not be
+                        // able to crowd out the permitted ones. Pen closes
+                        // it without a word.
+                        if permitted(&requests, ip).await {
+                            spawn_bounded(&slots, client(stream, Some(ip), requests.clone()));
+                        }
                     }
                     Err(e) => pause_after_accept_error(e).await,
                 }
@@ -100,6 +104,16 @@ pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>
             }
         }
     }
+}
+
+/// Whether `control_acl` lets `peer` in, as the control loop sees it now.
+async fn permitted(requests: &mpsc::Sender<ControlRequest>, peer: IpAddr) -> bool {
+    let (reply, answer) = oneshot::channel();
+    let asked = ControlRequest::Permitted {
+        peer: Some(peer),
+        reply,
+    };
+    requests.send(asked).await.is_ok() && answer.await == Ok(true)
 }
 
 /// Runs a client's task if fewer than [`CLIENTS_MAX`] are running; else
@@ -131,7 +145,7 @@ where
     let Ok(Some(line)) = tokio::time::timeout(READ_DEADLINE, read_command(&mut stream)).await else {
         return; // silent, too slow or gone: drop it, nothing else waits
     };
-    let resolved = resolve_ahead(&line, peer, &requests).await;
+    let resolved = resolve_ahead(&line).await;
     let (reply, answer) = oneshot::channel();
     if requests
         .send(ControlRequest::Command {
@@ -154,31 +168,13 @@ where
 /// Looks up the host names the command names on tokio's blocking pool, so
 /// that a slow resolver delays only this client, never the control thread
 /// (health checks, metrics, other clients).
-/// Only for a client `control_acl` permits: no one else makes ringpen
-/// query its resolver.
-async fn resolve_ahead(
-    line: &str,
-    peer: Option<IpAddr>,
-    requests: &mpsc::Sender<ControlRequest>,
-) -> HashMap<String, Option<IpAddr>> {
+/// Only clients `control_acl` permitted at accept get this far.
+async fn resolve_ahead(line: &str) -> HashMap<String, Option<IpAddr>> {
     let mut resolved = HashMap::new();
     let Ok(command) = super::command::parse(line) else {
         return resolved;
     };
-    let names = command.host_names();
-    if names.is_empty() {
-        return resolved;
-    }
-    let (reply, answer) = oneshot::channel();
-    if requests
-        .send(ControlRequest::Permitted { peer, reply })
-        .await
-        .is_err()
-        || answer.await != Ok(true)
-    {
-        return resolved;
-    }
-    for name in names {
+    for name in command.host_names() {
         let answer = tokio::time::timeout(RESOLVE_DEADLINE, tokio::net::lookup_host((name, 0))).await;
         let ip = match answer {
             Ok(Ok(mut addresses)) => addresses.next().map(|a| a.ip()),

@@ -130,6 +130,9 @@ struct UdpWorker {
     free: Vec<u32>,
     by_client: HashMap<SocketAddr, u32>,
     starved: Vec<u32>,
+    /// Closed flows' sockets that a submission still in the queue may name
+    /// (see `close_flow`): closed once the kernel has taken the queue.
+    retired: Vec<Socket>,
     /// New clients' datagrams waiting for a slot another worker frees.
     waiting: VecDeque<(SocketAddr, Datagram)>,
     /// An eviction was asked of another worker and not yet answered.
@@ -161,6 +164,7 @@ pub fn run(id: usize, shared: Arc<Shared>, socket: OwnedFd) -> anyhow::Result<()
         free: Vec::new(),
         by_client: HashMap::new(),
         starved: Vec::new(),
+        retired: Vec::new(),
         waiting: VecDeque::new(),
         asked: false,
         waker_buf: Box::new(0),
@@ -176,6 +180,9 @@ pub fn run(id: usize, shared: Arc<Shared>, socket: OwnedFd) -> anyhow::Result<()
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
             Err(e) => return Err(e).with_context(|| format!("worker {id}: io_uring_enter")),
+        }
+        if worker.ring.submission().is_empty() {
+            worker.retired.clear();
         }
         worker.now = Instant::now();
         let completions: Vec<(u64, i32, u32)> = worker
@@ -640,11 +647,18 @@ impl UdpWorker {
                 tracing::error!("io_uring submit failed: {e}");
             }
         }
+        let handed_over = self.ring.submission().is_empty();
         let Some(flow) = self.flows.get_mut(id as usize).and_then(|f| f.as_deref_mut()) else {
             return;
         };
         flow.closing = true;
-        flow.backend = None;
+        let socket = flow.backend.take();
+        if handed_over {
+            drop(socket); // closed now, so descriptors track live flows
+        } else {
+            // The submit failed: closed once the queue has been taken.
+            self.retired.extend(socket);
+        }
         let keep_up = usize::from(flow.sending_up);
         let keep_down = usize::from(flow.sending_down);
         let dropped: Vec<u16> = flow

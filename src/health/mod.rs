@@ -117,18 +117,10 @@ impl HealthChecker {
     /// Must run inside `tokio_uring::start`. `report` runs on this thread
     /// between checks: it must not block.
     pub async fn run(&self, report: impl Fn(usize, Health, Duration, Option<String>) + 'static) {
-        self.run_from(Instant::now(), report).await
-    }
-
-    /// [`run`](Self::run), with the first interval beginning at `start`.
-    pub async fn run_from(
-        &self,
-        start: Instant,
-        report: impl Fn(usize, Health, Duration, Option<String>) + 'static,
-    ) {
-        let report: Rc<dyn Fn(usize, Health, Duration, Option<String>)> = Rc::new(report);
+        let report: Report = Rc::new(report);
         let interval = self.opts.interval.max(MIN_INTERVAL);
         let count = self.targets.len().max(1) as u32;
+        let start = Instant::now();
         let mut tasks = AbortOnDrop(Vec::with_capacity(self.targets.len()));
         for (i, &(id, addr)) in self.targets.iter().enumerate() {
             let first = start + interval / count * i as u32;
@@ -136,7 +128,7 @@ impl HealthChecker {
                 id,
                 addr,
                 opts: self.opts.clone(),
-                status: self.status.clone(),
+                status: Some(self.status.clone()),
                 report: report.clone(),
             };
             tasks.0.push(tokio_uring::spawn(watcher.run(first, interval)));
@@ -172,13 +164,39 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What hears every check result: server, health, latency, reason.
+pub type Report = Rc<dyn Fn(usize, Health, Duration, Option<String>)>;
+
+/// Checks server `id` at `addr` from `first` on, every `opts.interval`,
+/// as one task of its own, until the task is aborted: for a caller that
+/// starts and stops the checks of single servers. `report` as in
+/// [`HealthChecker::run`]. Must run inside `tokio_uring::start`.
+pub fn watch(
+    id: usize,
+    addr: SocketAddr,
+    opts: Rc<HealthOptions>,
+    first: Instant,
+    report: Report,
+) -> JoinHandle<()> {
+    let interval = opts.interval.max(MIN_INTERVAL);
+    let watcher = Watcher {
+        id,
+        addr,
+        opts,
+        status: None,
+        report,
+    };
+    tokio_uring::spawn(watcher.run(first, interval))
+}
+
 /// The task that checks one server.
 struct Watcher {
     id: usize,
     addr: SocketAddr,
     opts: Rc<HealthOptions>,
-    status: Rc<RefCell<BTreeMap<usize, ServerCheck>>>,
-    report: Rc<dyn Fn(usize, Health, Duration, Option<String>)>,
+    /// A [`HealthChecker`]'s record of the results, if one keeps it.
+    status: Option<Rc<RefCell<BTreeMap<usize, ServerCheck>>>>,
+    report: Report,
 }
 
 impl Watcher {
@@ -203,11 +221,13 @@ impl Watcher {
                 );
             }
             let reason = verdict.reason().map(str::to_owned);
-            if let Some(s) = self.status.borrow_mut().get_mut(&self.id) {
-                s.health = tracker.health();
-                s.latency = Some(latency);
-                s.reason = reason.clone();
-                s.checks += 1;
+            if let Some(status) = &self.status {
+                if let Some(s) = status.borrow_mut().get_mut(&self.id) {
+                    s.health = tracker.health();
+                    s.latency = Some(latency);
+                    s.reason = reason.clone();
+                    s.checks += 1;
+                }
             }
             (self.report)(self.id, tracker.health(), latency, reason);
         }

@@ -177,8 +177,10 @@ impl ClientTable {
         if room.slots.len() <= self.slots.len() {
             return room;
         }
-        room.slots[..self.slots.len()].copy_from_slice(&self.slots);
+        // A slot once taken stays taken, and one never taken is still at
+        // its default, so the address index names every slot to carry over.
         for (&key, &slot) in &self.by_key {
+            room.slots[slot] = self.slots[slot];
             room.by_key.insert(key, slot);
             room.ages.set(slot, age(self.slots[slot].last));
         }
