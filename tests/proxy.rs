@@ -70,6 +70,34 @@ fn backend_closing_right_after_the_client_half_closed_loses_no_byte() {
     assert_eq!(check_data_then_eof(&mut stream, 31, len), Ok(()));
 }
 
+/// With `tcp_fastclose both` an EOF from either side closes both. When
+/// both EOFs come at nearly the same moment (the client half-closes at
+/// once, the backend answers and closes), the second one arrives while the
+/// first is still tearing the connection down: every connection must
+/// still end and give its descriptors back.
+#[test]
+fn fast_close_with_both_sides_ending_at_once_frees_every_connection() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = Backend::start(
+        "bye",
+        listener,
+        Arc::new(|mut stream: std::net::TcpStream| {
+            let _ = stream.write_all(b"bye\n");
+        }),
+    );
+    let lb = Balancer::start(&["-o", "tcp_fastclose both"], &[backend.spec()]);
+    let baseline = fd_count(lb.pid());
+    for _ in 0..200 {
+        let mut client = std::net::TcpStream::connect(lb.addr).expect("connect to the balancer");
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+    }
+    wait_until(format!("descriptors back to {baseline}"), || {
+        fd_count(lb.pid()) <= baseline
+    });
+}
+
 #[test]
 fn two_hundred_concurrent_clients_each_get_their_own_echo() {
     const CLIENTS: usize = 200;
