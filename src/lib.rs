@@ -13,3 +13,5 @@ pub mod health;
 pub mod process;
 pub mod routing;
 pub mod select;
+#[cfg(test)]
+mod test_rng;

@@ -1766,14 +1766,8 @@ pub(crate) mod tests {
             "tcp_nodelay", "weight", "up", "down", "both", "off", "abort_on_error", "block",
             "dummy", "peek", "socket", "ssl_cert", "poll", "exit", "pid", "control", "#", "",
         ];
-        // xorshift64*: deterministic, no extra crate.
-        let mut seed = 0x2545_F491_4F6C_DD1D_u64;
-        let mut next = move |below: usize| {
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            (seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below
-        };
+        let mut rng = crate::test_rng::TestRng::new(0x2545_F491_4F6C_DD1D);
+        let mut next = move |below: usize| rng.below(below);
         let mut live = FakeLive::default();
         live.files.insert("/loop".into(), "include /loop\n".into());
         live.files.insert(

@@ -518,14 +518,8 @@ ringpen_refused_connections_total{reason="limit"} 5
 
     #[test]
     fn never_panics_on_random_bytes() {
-        // xorshift64*: deterministic, no extra crate.
-        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-        let mut next = move || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        };
+        let mut rng = crate::test_rng::TestRng::new(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || rng.next_u64();
         let good = b"GET /metrics HTTP/1.1\r\nHost: h\r\n\r\n";
         for round in 0..20_000 {
             let len = (next() % 96) as usize;

@@ -743,14 +743,8 @@ mod tests {
 
     #[test]
     fn random_event_orders_keep_the_contract_and_always_end_in_close() {
-        // xorshift64*: deterministic, no extra crate.
-        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
-        let mut next = move || {
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            (seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as usize
-        };
+        let mut rng = crate::test_rng::TestRng::new(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || (rng.next_u64() >> 11) as usize;
         for run in 0..3000 {
             let mut sim = Sim::new([run % 11 == 1, run % 13 == 2]);
             let busy = 1 + next() % 200;
