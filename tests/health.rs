@@ -20,7 +20,9 @@ use ringpen::config::{CheckKind, DonorPolicy, HealthOptions, OnDown};
 use ringpen::control::state::Health;
 use ringpen::health::{check_once, HealthChecker, Verdict};
 
-use common::{connect, nothing_received_yet, penctl, wait_until, Balancer, Port, TempDir};
+use common::{
+    connect, nothing_received_yet, output_within, penctl, wait_until, Balancer, Port, TempDir, WAIT,
+};
 
 const CHECK_USER: &str = "health";
 const CHECK_PASSWORD: &str = "s3cret-Pw";
@@ -37,14 +39,6 @@ fn opts(kind: CheckKind) -> HealthOptions {
         donor: DonorPolicy::default(),
         on_down: OnDown::default(),
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn find_tool(name: &str) -> PathBuf {
@@ -85,6 +79,10 @@ struct Mariadb {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// The server's port and Galera's base port, reserved below the
+    /// ephemeral range so that nothing takes them while the data directory
+    /// is prepared.
+    _ports: Vec<Port>,
 }
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
@@ -102,11 +100,15 @@ impl Mariadb {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         // From here on, Drop removes the directory whatever fails.
+        let (server_port, galera_port) = (Port::reserve(), Port::reserve());
         let mut db = Mariadb {
             dir: dir.clone(),
-            port: free_port(),
+            port: server_port.port,
             child: None,
+            _ports: Vec::new(),
         };
+        let galera_base_port = galera_port.port;
+        db._ports = vec![server_port, galera_port];
         let data = dir.join("data");
         let root = unsafe { libc::geteuid() } == 0;
 
@@ -126,7 +128,7 @@ impl Mariadb {
             // And serialized all the same: a bootstrap takes half a second.
             static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
             let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-            cmd.output().expect("cannot run mariadb-install-db")
+            output_within(&mut cmd, Duration::from_secs(120)).expect("cannot run mariadb-install-db")
         };
         assert!(
             out.status.success(),
@@ -158,8 +160,7 @@ impl Mariadb {
                 .arg("--binlog-format=ROW")
                 .arg("--wsrep-node-address=127.0.0.1")
                 .arg(format!(
-                    "--wsrep-provider-options=base_port={};gcache.size=16M",
-                    free_port()
+                    "--wsrep-provider-options=base_port={galera_base_port};gcache.size=16M"
                 ));
         }
         let child = cmd
@@ -214,13 +215,14 @@ impl Mariadb {
     }
 
     fn try_sql(&self, statements: &str) -> Result<String, String> {
-        let out = Command::new("mariadb")
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", self.dir.join("sock").display()))
-            .args(["-uroot", "-N", "-B", "-e", statements])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
+        let out = output_within(
+            Command::new("mariadb")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", self.dir.join("sock").display()))
+                .args(["-uroot", "-N", "-B", "-e", statements]),
+            WAIT,
+        )
+        .map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -455,7 +457,8 @@ fn galera_one_node_cluster() {
 fn checker_reports_every_result() {
     let db = Mariadb::start(false);
     let live = db.addr();
-    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let nothing_there = Port::reserve();
+    let dead = SocketAddr::from(([127, 0, 0, 1], nothing_there.port));
     type Report = (usize, Health, Duration, Option<String>);
     let reports: Rc<RefCell<Vec<Report>>> = Rc::default();
     let checker = HealthChecker::new(vec![(0, live), (7, dead)], opts(CheckKind::Mysql));

@@ -114,9 +114,14 @@ fn without_dash_f_it_daemonizes_and_the_pid_file_names_the_daemon() {
     let mut balancer = Balancer::launch(launch);
     let pid_file = balancer.dir.join("daemon.pid");
     let daemon = balancer.pid();
-    let launcher = balancer
-        .launcher_exit()
-        .expect("the launching process still runs");
+    // The daemon can be ready (pid file, listener) a moment before the
+    // process that launched it has exited.
+    let mut launcher = None;
+    wait_until("the launching process to exit", || {
+        launcher = balancer.launcher_exit();
+        launcher.is_some()
+    });
+    let launcher = launcher.expect("checked by the wait");
     assert!(launcher.success(), "the launching process exited with {launcher}");
     assert!(
         process_alive(daemon),

@@ -86,7 +86,7 @@ fn fast_close_with_both_sides_ending_at_once_frees_every_connection() {
         }),
     );
     let lb = Balancer::start(&["-o", "tcp_fastclose both"], &[backend.spec()]);
-    let baseline = fd_count(lb.pid());
+    let baseline = settled_fd_count(lb.pid());
     for _ in 0..200 {
         let mut client = std::net::TcpStream::connect(lb.addr).expect("connect to the balancer");
         client.shutdown(Shutdown::Write).unwrap();

@@ -267,7 +267,8 @@ fn down_server(how: Down) -> (std::net::SocketAddr, Box<dyn std::any::Any>) {
 /// client .2 hit the down server (round robin's first pick), which must fail
 /// it over to S2, waits until the balancer says it blacklisted the server,
 /// then brings server 1 up as "S1". Returns the balancer, the backends,
-/// when client .2 was answered, and how long that took.
+/// a moment by which the server was blacklisted, and how long client .2
+/// waited for its answer.
 fn blacklist_server_1(how: Down, opts: &[&str]) -> (Balancer, Vec<Backend>, Instant, Duration) {
     let (s0, s2) = (Backend::named("S0"), Backend::named("S2"));
     let (down, guard) = down_server(how);
@@ -277,9 +278,11 @@ fn blacklist_server_1(how: Down, opts: &[&str]) -> (Balancer, Vec<Backend>, Inst
     assert_eq!(balancer.ask(2), "S2", "failover from the {how:?} server 1");
     let failed_at = Instant::now();
     balancer.wait_for_stderr("blacklisting");
+    // The control thread blacklists a moment after the failover; by now it has.
+    let blacklisted_by = Instant::now();
     drop(guard);
     let s1 = Backend::named_at("S1", down);
-    (balancer, vec![s0, s1, s2], failed_at, failed_at - asked)
+    (balancer, vec![s0, s1, s2], blacklisted_by, failed_at - asked)
 }
 
 #[test]
@@ -318,9 +321,10 @@ fn silent_server_times_out_after_dash_t_then_fails_over_and_is_blacklisted() {
 
 #[test]
 fn dash_b_blacklisting_expires_and_lets_the_server_back_in() {
-    let (balancer, backends, failed_at, _) = blacklist_server_1(Down::Silent, &["-b", "1"]);
-    // Time under test: wait out -b 1.
-    thread::sleep(Duration::from_millis(1600).saturating_sub(failed_at.elapsed()));
+    let (balancer, backends, blacklisted_by, _) = blacklist_server_1(Down::Silent, &["-b", "1"]);
+    // Time under test: wait out -b 1 (whole seconds, so up to 1 s after
+    // the blacklisting, which happened before `blacklisted_by`).
+    thread::sleep(Duration::from_millis(1600).saturating_sub(blacklisted_by.elapsed()));
     let replies = ask_all(&balancer, &[3, 4, 5]);
     assert!(
         replies.iter().any(|r| r == "S1"),

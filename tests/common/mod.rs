@@ -345,15 +345,59 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// Process `pid`'s descriptor count once it has not changed for 500 ms (a
+/// balancer's workers set up their rings after its sockets are bound).
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    let mut since = Instant::now();
+    wait_until("the balancer's descriptor count to settle", || {
+        let now = fd_count(pid);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+        since.elapsed() >= Duration::from_millis(500)
+    });
+    last
+}
+
 /// Runs Debian's `penctl ADDR words...` and returns what it printed.
+/// penctl itself waits forever for a reply; a control port that never
+/// answers fails the test after [`WAIT`] instead of hanging it.
 pub fn penctl(addr: &str, command: &str) -> String {
-    let output = Command::new("penctl")
-        .arg(addr)
-        .args(command.split(' '))
-        .stdin(Stdio::null())
-        .output()
+    let output = output_within(Command::new("penctl").arg(addr).args(command.split(' ')), WAIT)
         .unwrap_or_else(|e| panic!("cannot run penctl ({e}); .ci/run installs Debian's pen package"));
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `cmd.output()`, but a command still running after `bound` is killed and
+/// fails the test. Its output is read while it runs, so a long one cannot
+/// fill a pipe and stall.
+pub fn output_within(cmd: &mut Command, bound: Duration) -> std::io::Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = pipe.read_to_end(&mut out);
+            out
+        })
+    }
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let Some(status) = wait_exit(&mut child, bound) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{cmd:?} still ran after {bound:?}");
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    })
 }
 
 /// Sends `signal` (e.g. "TERM", "HUP") to `pid` with kill(1).
