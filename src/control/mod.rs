@@ -590,7 +590,7 @@ async fn serve(
                     checks.update(&mut control, &health_tx);
                 }
                 ControlRequest::Permitted { peer, reply } => {
-                    let _ = reply.send(control.permits(peer));
+                    let _ = reply.send(control.permits(Some(peer)));
                 }
                 ControlRequest::Metrics { reply } => {
                     let _ = reply.send(control.metrics_text());

@@ -46,7 +46,7 @@ pub enum ControlRequest {
     },
     /// Whether `control_acl` lets this client in, asked at accept.
     Permitted {
-        peer: Option<IpAddr>,
+        peer: IpAddr,
         reply: oneshot::Sender<bool>,
     },
     /// The Prometheus text for `GET /metrics`.
@@ -109,10 +109,7 @@ pub async fn serve(socket: ControlSocket, requests: mpsc::Sender<ControlRequest>
 /// Whether `control_acl` lets `peer` in, as the control loop sees it now.
 async fn permitted(requests: &mpsc::Sender<ControlRequest>, peer: IpAddr) -> bool {
     let (reply, answer) = oneshot::channel();
-    let asked = ControlRequest::Permitted {
-        peer: Some(peer),
-        reply,
-    };
+    let asked = ControlRequest::Permitted { peer, reply };
     requests.send(asked).await.is_ok() && answer.await == Ok(true)
 }
 
