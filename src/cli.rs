@@ -280,7 +280,16 @@ fn build_config(
     let conn_max = table_size(m, "x")?.unwrap_or(defaults::CONN_MAX);
     let connect_timeout_secs = positive(m, "t")?.unwrap_or(defaults::CONNECT_TIMEOUT_SECS);
     let available = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-    let workers = positive(m, "workers")?.unwrap_or(available);
+    let workers = match positive(m, "workers")? {
+        Some(n) if n > defaults::WORKERS_MAX => {
+            return Err(CliError(format!(
+                "option --workers value {n} is above the limit of {}",
+                defaults::WORKERS_MAX
+            )))
+        }
+        Some(n) => n,
+        None => available.min(defaults::WORKERS_MAX),
+    };
     let pid_file = path(m, "p")?;
     let chroot = path(m, "j")?;
     let user = match value(m, "u") {
@@ -306,6 +315,10 @@ fn build_config(
     }
     if !udp && given(m, "udp-idle") {
         return Err(CliError("--udp-idle needs -U".into()));
+    }
+    if udp && log.is_some() {
+        // Pen's UDP path writes no log either; say so rather than ignore -l.
+        notices.push("-l logs TCP requests only: with -U nothing is written to it (as in Pen)".into());
     }
     let udp_idle_secs = positive(m, "udp-idle")?.unwrap_or(60);
     let metrics = match value(m, "metrics") {
@@ -1057,6 +1070,10 @@ mod tests {
         assert_eq!(config.accepts_per_wakeup, 1);
         assert_eq!(config.backlog, 50);
         assert_eq!(notices(&args), ["-m 0 raised to 1", "-q 10 raised to 50"]);
+        assert_eq!(
+            notices(&["-U", "-l", "/tmp/udp.log", "53", "127.0.0.1"]),
+            ["-l logs TCP requests only: with -U nothing is written to it (as in Pen)"]
+        );
     }
 
     #[test]
@@ -1236,6 +1253,10 @@ mod tests {
         assert!(error(&["-c", "0", "80", "127.0.0.1"]).contains("-c"));
         assert!(error(&["--workers", "0", "80", "127.0.0.1"]).contains("--workers"));
         assert!(error(&["--workers", "many", "80", "127.0.0.1"]).contains("--workers"));
+        assert_eq!(
+            error(&["--workers", "65", "80", "127.0.0.1"]),
+            "option --workers value 65 is above the limit of 64"
+        );
         assert!(error(&["-p", "", "80", "127.0.0.1"]).contains("-p"));
     }
 

@@ -124,6 +124,8 @@ pub mod defaults {
     /// grow, and a slip of the keyboard must not make the balancer try to
     /// allocate more memory than the machine has.
     pub const TABLE_MAX: usize = 1 << 24;
+    /// Workers are bits in a 64-bit mask (which of them wait for a slot).
+    pub const WORKERS_MAX: usize = 64;
     pub const CONNECT_TIMEOUT_SECS: u64 = 3;
     pub const ACCEPTS_PER_WAKEUP: u32 = 100;
     pub const BACKLOG: u32 = 500;

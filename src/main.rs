@@ -33,13 +33,22 @@ fn main() -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Command::Run(config) => match run(config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ringpen: {e:#}");
-                ExitCode::FAILURE
+        Command::Run(config) => {
+            let background = !config.foreground;
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // Once in the background stderr is /dev/null and syslog
+                    // is where this can be read (before, no log is set up
+                    // yet and this goes nowhere).
+                    if background {
+                        tracing::error!("{e:#}");
+                    }
+                    eprintln!("ringpen: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 
@@ -131,16 +140,22 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .transpose()?;
 
     let user = config.user.as_deref().map(process::lookup_user).transpose()?;
+    let mut pid_file = config
+        .pid_file
+        .as_deref()
+        .map(process::PidFile::open)
+        .transpose()?;
+    if let Some(dir) = &config.chroot {
+        process::check_chroot(dir)?;
+    }
 
     if !config.foreground {
         process::daemonize()?;
     }
     let set_debug = init_tracing(state.debug, config.foreground);
-    let _pid_file = config
-        .pid_file
-        .as_deref()
-        .map(process::PidFile::create)
-        .transpose()?;
+    if let Some(pid_file) = &mut pid_file {
+        pid_file.write_pid()?;
+    }
     if let Some(dir) = &config.chroot {
         process::chroot(dir)?;
     }

@@ -21,22 +21,47 @@ pub fn daemonize() -> anyhow::Result<()> {
     unistd::daemon(true, false).context("cannot daemonize")
 }
 
-/// Writes the pid file; it is removed by [`PidFile`]'s drop.
-pub struct PidFile(PathBuf);
+/// `-p`: the pid file, removed by its drop. Opened before going to the
+/// background, so that a path that cannot be written stops the start
+/// where the error can be seen; the pid is written once it is the
+/// daemon's.
+pub struct PidFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
 
 impl PidFile {
-    pub fn create(path: &Path) -> anyhow::Result<Self> {
-        std::fs::write(path, format!("{}\n", std::process::id()))
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(path)
             .with_context(|| format!("cannot write pid file {}", path.display()))?;
-        Ok(PidFile(path.to_path_buf()))
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Writes this process's pid.
+    pub fn write_pid(&mut self) -> anyhow::Result<()> {
+        use std::io::Write;
+        writeln!(self.file, "{}", std::process::id())
+            .with_context(|| format!("cannot write pid file {}", self.path.display()))
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
         // After -j the path may no longer be reachable; Pen has the same limit.
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// `-j`: checks before going to the background that `dir` can be the new
+/// root, so that the likely mistakes are reported where they can be seen.
+pub fn check_chroot(dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(unistd::geteuid().is_root(), "-j: only root can chroot");
+    let meta = std::fs::metadata(dir).with_context(|| format!("-j: cannot use {}", dir.display()))?;
+    anyhow::ensure!(meta.is_dir(), "-j: {} is not a directory", dir.display());
+    Ok(())
 }
 
 /// `-j`: chroot into `dir`.

@@ -288,7 +288,11 @@ pub fn spawn_workers(
     udp: Vec<OwnedFd>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<()>>>> {
-    anyhow::ensure!(count <= 64, "--workers: at most 64 workers are supported");
+    anyhow::ensure!(
+        count <= crate::config::defaults::WORKERS_MAX,
+        "--workers: at most {} workers are supported",
+        crate::config::defaults::WORKERS_MAX
+    );
     let mut udp = udp.into_iter();
     (0..count)
         .map(|id| {
