@@ -107,6 +107,32 @@ fn dash_p_writes_the_pid_file_and_sigterm_removes_it_and_exits_0() {
     assert!(!pid_file.exists(), "pid file left behind");
 }
 
+/// Without `-f`, what can stop the start is checked before going to the
+/// background, where the error can still be seen: exit 1 and one line.
+#[test]
+fn without_dash_f_a_bad_pid_file_or_chroot_fails_in_the_foreground() {
+    if skip_on_pen("Pen reports these from the daemon, after the launcher exited") {
+        return;
+    }
+    for (option, value, names) in [
+        (
+            "-p",
+            "/nonexistent/ringpen.pid",
+            "pid file /nonexistent/ringpen.pid",
+        ),
+        ("-j", "/nonexistent", "-j: cannot use /nonexistent"),
+    ] {
+        let port = Port::reserve();
+        let args: Vec<String> = [option, value, &port.port.to_string(), "127.0.0.1:1"]
+            .map(String::from)
+            .to_vec();
+        let outcome = run_to_exit(&args);
+        assert_eq!(outcome.status.code(), Some(1), "{option}: {}", outcome.stderr);
+        assert_eq!(outcome.stderr.lines().count(), 1, "{option}: {}", outcome.stderr);
+        assert!(outcome.stderr.contains(names), "{option}: {}", outcome.stderr);
+    }
+}
+
 #[test]
 fn without_dash_f_it_daemonizes_and_the_pid_file_names_the_daemon() {
     let s0 = Backend::named("S0");
