@@ -218,6 +218,9 @@ fn ping(from: IpAddr, to: SocketAddr) {
 
 #[test]
 fn ipv6_listener_forwards_to_an_ipv4_backend() {
+    if skip_without_ipv6() {
+        return;
+    }
     let backend = Backend::echo_on(Ipv4Addr::LOCALHOST.into());
     let balancer =
         Balancer::launch(Launch::new(&[], &[backend.spec()]).listen_on(Ipv6Addr::LOCALHOST.into()));
@@ -226,6 +229,9 @@ fn ipv6_listener_forwards_to_an_ipv4_backend() {
 
 #[test]
 fn ipv4_listener_forwards_to_an_ipv6_backend() {
+    if skip_without_ipv6() {
+        return;
+    }
     let backend = Backend::echo_on(Ipv6Addr::LOCALHOST.into());
     assert!(backend.spec().starts_with("[::1]:"));
     let balancer = Balancer::start(&[], &[backend.spec()]);

@@ -44,8 +44,13 @@ fn udp_bound_alone(pid: u32, port: u16, workers: usize) -> bool {
 }
 
 fn udp_port_free(port: u16) -> bool {
+    // Where IPv6 is off nothing can hold the port on it.
+    let v6 = match UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => true,
+        Err(e) => matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)),
+    };
     UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
-        && UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).is_ok()
+        && v6
         && !udp_sockets().iter().any(|(p, _, _)| *p == port)
 }
 
@@ -812,6 +817,9 @@ fn evicting_a_flow_with_a_send_queued_never_crosses_replies() {
 
 #[test]
 fn ipv6_listen_address_to_an_ipv4_backend() {
+    if skip_without_ipv6() {
+        return;
+    }
     let backend = UdpBackend::named("V4");
     let balancer = UdpBalancer::launch(
         Setup {
@@ -830,6 +838,9 @@ fn ipv6_listen_address_to_an_ipv4_backend() {
 
 #[test]
 fn ipv4_listen_address_to_an_ipv6_backend() {
+    if skip_without_ipv6() {
+        return;
+    }
     let backend = UdpBackend::start("V6", Ipv6Addr::LOCALHOST.into(), 1);
     assert_eq!(backend.spec(), format!("[::1]:{}", backend.addr.port()));
     let balancer = UdpBalancer::start(&[], &[backend.spec()]);

@@ -69,6 +69,16 @@ pub fn skip_on_pen(why: &str) -> bool {
     is_pen()
 }
 
+/// True (and says so) where the host has no IPv6 loopback, as in some
+/// containers: the IPv6 tests then have nothing to test.
+pub fn skip_without_ipv6() -> bool {
+    let missing = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_err();
+    if missing {
+        eprintln!("skipped: this host has no IPv6 loopback (::1)");
+    }
+    missing
+}
+
 // ---------------------------------------------------------------------------
 // Waiting
 // ---------------------------------------------------------------------------
@@ -160,8 +170,12 @@ fn ephemeral_start() -> u16 {
 
 fn port_is_free(port: u16) -> bool {
     let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok();
-    v4 && TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).is_ok()
-        && !listening_sockets().iter().any(|s| s.addr.port() == port)
+    // Where IPv6 is off nothing can hold the port on it.
+    let v6 = match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => true,
+        Err(e) => matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)),
+    };
+    v4 && v6 && !listening_sockets().iter().any(|s| s.addr.port() == port)
 }
 
 /// An address nothing listens on, so a connect is refused: a reserved port
