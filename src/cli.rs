@@ -275,21 +275,13 @@ fn build_config(
     let blacklist_secs = number(m, "b")?.unwrap_or(defaults::BLACKLIST_SECS);
     // Pen silently keeps its defaults for -c 0 and -x 0 (its tables only
     // grow); we refuse them instead.
-    let clients_max = table_size(m, "c")?.unwrap_or(defaults::CLIENTS_MAX);
+    let clients_max = at_most(m, "c", defaults::TABLE_MAX)?.unwrap_or(defaults::CLIENTS_MAX);
     let tracking_secs = number(m, "T")?.unwrap_or(0);
-    let conn_max = table_size(m, "x")?.unwrap_or(defaults::CONN_MAX);
+    let conn_max = at_most(m, "x", defaults::TABLE_MAX)?.unwrap_or(defaults::CONN_MAX);
     let connect_timeout_secs = positive(m, "t")?.unwrap_or(defaults::CONNECT_TIMEOUT_SECS);
     let available = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-    let workers = match positive(m, "workers")? {
-        Some(n) if n > defaults::WORKERS_MAX => {
-            return Err(CliError(format!(
-                "option --workers value {n} is above the limit of {}",
-                defaults::WORKERS_MAX
-            )))
-        }
-        Some(n) => n,
-        None => available.min(defaults::WORKERS_MAX),
-    };
+    let workers =
+        at_most(m, "workers", defaults::WORKERS_MAX)?.unwrap_or(available.min(defaults::WORKERS_MAX));
     let pid_file = path(m, "p")?;
     let chroot = path(m, "j")?;
     let user = match value(m, "u") {
@@ -584,13 +576,13 @@ fn positive<T: FromStr + Default + PartialEq>(m: &ArgMatches, id: &str) -> Resul
     Ok(n)
 }
 
-/// `-c` and `-x`: 1 to [`defaults::TABLE_MAX`], as `penctl` allows.
-fn table_size(m: &ArgMatches, id: &str) -> Result<Option<usize>, CliError> {
+/// Like [`positive`], up to `max`: `-c` and `-x` (as `penctl` allows),
+/// `--workers`.
+fn at_most(m: &ArgMatches, id: &str, max: usize) -> Result<Option<usize>, CliError> {
     match positive(m, id)? {
-        Some(n) if n > defaults::TABLE_MAX => Err(CliError(format!(
-            "option {} value {n} is above the limit of {}",
-            spelling(id),
-            defaults::TABLE_MAX
+        Some(n) if n > max => Err(CliError(format!(
+            "option {} value {n} is above the limit of {max}",
+            spelling(id)
         ))),
         n => Ok(n),
     }

@@ -118,11 +118,17 @@ fn penctl_replies_match_pens_byte_for_byte() {
     assert!(answered > script.len() / 2, "only {answered} replies");
 }
 
-#[test]
-fn a_bad_command_gets_an_error_and_changes_nothing() {
+/// Backend "A" behind a balancer with a control port (`-u root -C`).
+fn backend_a_behind_control() -> (Backend, ControlPort, Balancer) {
     let a = Backend::named("A");
     let ctl = ControlPort::new();
     let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    (a, ctl, lb)
+}
+
+#[test]
+fn a_bad_command_gets_an_error_and_changes_nothing() {
+    let (_a, ctl, lb) = backend_a_behind_control();
     let before = penctl(&ctl.addr(), "servers");
     for bad in [
         "server 0 max abc",
@@ -140,9 +146,7 @@ fn a_bad_command_gets_an_error_and_changes_nothing() {
 
 #[test]
 fn a_silent_control_client_does_not_slow_traffic() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_a, ctl, lb) = backend_a_behind_control();
     // Pen reads its control socket in blocking mode: this would freeze it.
     let silent = TcpStream::connect(ctl.addr()).expect("connect to the control port");
     let mut trickle = TcpStream::connect(ctl.addr()).expect("connect to the control port");
@@ -178,9 +182,7 @@ fn accept_queue(port: u16) -> Option<usize> {
 /// keeps flowing, and the control port answers again once they are gone.
 #[test]
 fn a_flood_of_silent_control_clients_is_bounded() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_a, ctl, lb) = backend_a_behind_control();
     assert_eq!(lb.ask(2), "A");
     let baseline = fd_count(lb.pid());
     let silent: Vec<TcpStream> = (0..100)
@@ -395,9 +397,7 @@ fn the_client_acl_turns_clients_away_or_to_the_abuse_server() {
 
 #[test]
 fn the_control_acl_closes_without_a_reply() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_a, ctl, lb) = backend_a_behind_control();
     penctl(&ctl.addr(), "acl 2 deny 127.0.0.1");
     assert_eq!(penctl(&ctl.addr(), "control_acl 2"), "2\n");
     // penctl prints nothing for a refused connection too: read the socket.
@@ -423,9 +423,7 @@ fn the_control_acl_closes_without_a_reply() {
 /// permitted operator.
 #[test]
 fn denied_hosts_cannot_crowd_out_the_control_port() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let _lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_a, ctl, _lb) = backend_a_behind_control();
     penctl(&ctl.addr(), "acl 2 deny 127.0.0.2");
     penctl(&ctl.addr(), "acl 2 permit 0.0.0.0 0.0.0.0");
     penctl(&ctl.addr(), "control_acl 2");
@@ -468,9 +466,7 @@ fn metrics_are_served_over_http() {
 
 #[test]
 fn exit_stops_the_balancer_only_with_x() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let mut lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (a, ctl, mut lb) = backend_a_behind_control();
     assert_eq!(
         penctl(&ctl.addr(), "exit"),
         "Exit is not enabled; restart with -X flag\n"
@@ -487,9 +483,7 @@ fn exit_stops_the_balancer_only_with_x() {
 
 #[test]
 fn close_and_idle_timeout_end_connections() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_a, ctl, lb) = backend_a_behind_control();
     let (_, mut held) = lb.hold(2);
     assert!(penctl(&ctl.addr(), "connection 0").contains("state = 2"));
     assert_eq!(penctl(&ctl.addr(), "close 0"), "Forcibly closing connection 0\n");
@@ -671,9 +665,7 @@ fn the_status_page_is_written_on_sigusr1_and_returned_by_status() {
 
 #[test]
 fn listen_moves_the_listener_and_a_taken_address_changes_nothing() {
-    let a = Backend::named("A");
-    let ctl = ControlPort::new();
-    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[a.spec()]);
+    let (_a, ctl, lb) = backend_a_behind_control();
     let before = penctl(&ctl.addr(), "listen");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();

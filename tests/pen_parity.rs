@@ -186,23 +186,8 @@ fn assert_same_as_pen(options: &[&str], extra: &[&str], clients: &[Client]) {
 /// repeated if it did not end within that second.
 fn assert_same_as_pen_within_one_second(options: &[&str], clients: &[Client]) {
     let backends = Backends::start(3);
-    let within_one_second = |program: &str| {
-        for _ in 0..5 {
-            let since_epoch = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            std::thread::sleep(
-                Duration::from_millis(1010) - Duration::from_nanos(since_epoch.subsec_nanos().into()),
-            );
-            let second = common::unix_now();
-            let started = Instant::now();
-            let answers = run(program, options, &backends, &[], clients);
-            if started.elapsed() < Duration::from_millis(950) && common::unix_now() == second {
-                return answers;
-            }
-        }
-        panic!("{program}: could not run {clients:?} within one second in 5 tries");
-    };
+    let within_one_second =
+        |program: &str| common::within_one_second(program, || run(program, options, &backends, &[], clients));
     let pen = within_one_second("pen");
     let ours = within_one_second(env!("CARGO_BIN_EXE_ringpen"));
     assert_eq!(ours, pen, "options {options:?}: ringpen vs pen");

@@ -96,29 +96,13 @@ fn dash_h_with_dash_r_mixes_in_the_client_port_as_pen_does() {
 }
 
 /// Pen's client table time is in whole seconds, so LRU ties are common.
-/// Runs `scenario` on a fresh balancer until one run fits in one second of
-/// both clocks a balancer may use (wall-clock seconds, or seconds since
-/// its start, which is after our spawn), and returns that run's replies.
-fn within_one_second(opts: &[&str], servers: &[String], octets: &[u8]) -> Vec<String> {
-    for _ in 0..5 {
-        // Start just after a wall-clock second begins.
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        thread::sleep(Duration::from_millis(1010) - Duration::from_nanos(since_epoch.subsec_nanos().into()));
-        let second = unix_now();
-        let spawned = Instant::now();
+/// Runs `octets` through a fresh balancer within one second (see
+/// [`common::within_one_second`]) and returns the replies.
+fn replies_within_one_second(opts: &[&str], servers: &[String], octets: &[u8]) -> Vec<String> {
+    within_one_second(format!("{octets:?}"), || {
         let balancer = Balancer::start(opts, servers);
-        let replies = ask_all(&balancer, octets);
-        if spawned.elapsed() < Duration::from_millis(950) && unix_now() == second {
-            return replies;
-        }
-        eprintln!(
-            "run took {:?}, across a second boundary: again",
-            spawned.elapsed()
-        );
-    }
-    panic!("could not run {octets:?} within one second in 5 tries");
+        ask_all(&balancer, octets)
+    })
 }
 
 #[test]
@@ -127,7 +111,7 @@ fn dash_c_evicts_the_least_recently_used_client_ties_to_the_lowest_slot() {
     // Slots fill with .2 .3 .4; then .5, .6 and .2 each evict slot 0 (all
     // equally old, lowest slot wins) and go round robin; .3 is still known.
     assert_eq!(
-        within_one_second(&["-c", "3"], &specs(&backends), &[2, 3, 4, 5, 6, 2, 3]),
+        replies_within_one_second(&["-c", "3"], &specs(&backends), &[2, 3, 4, 5, 6, 2, 3]),
         ["S1", "S2", "S0", "S1", "S2", "S0", "S2"]
     );
 }

@@ -294,16 +294,9 @@ impl Control {
     fn apply_effects(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
-                Effect::ReopenLog => {
-                    if let Err(e) = self.open_log() {
-                        tracing::error!("{e}");
-                    }
-                }
-                Effect::Relisten => {
-                    if let Err(e) = self.relisten() {
-                        tracing::error!("listen: {e:#}");
-                    }
-                }
+                // Taken out by the callers, which must be able to undo
+                // them (see `take_fallible_effects`).
+                Effect::ReopenLog | Effect::Relisten => {}
                 Effect::CloseConnection(n) => {
                     if let Some(info) = self.shared.registry.get(n) {
                         self.shared.request(

@@ -153,7 +153,9 @@ impl ClientTable {
     /// Raises the slot count to `capacity`; like Pen's `clients_max`, the
     /// table never shrinks, so a smaller value changes nothing.
     pub fn grow(&mut self, capacity: usize) {
-        drop(self.grow_into(ClientTable::room_for(capacity)));
+        if capacity > self.slots.len() {
+            drop(self.grow_into(ClientTable::room_for(capacity)));
+        }
     }
 
     /// Storage for a table of `capacity` slots. Making it takes time in

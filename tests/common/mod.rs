@@ -352,6 +352,30 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Runs `scenario` until one run fits in one second of both clocks a
+/// balancer may count client-table time in (Pen's wall-clock seconds, or
+/// seconds since its start, which is after the run begins): each run starts
+/// just after a wall-clock second begins. Returns that run's result.
+pub fn within_one_second<T>(what: impl Display, mut scenario: impl FnMut() -> T) -> T {
+    for _ in 0..5 {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        thread::sleep(Duration::from_millis(1010) - Duration::from_nanos(since_epoch.subsec_nanos().into()));
+        let second = unix_now();
+        let started = Instant::now();
+        let result = scenario();
+        if started.elapsed() < Duration::from_millis(950) && unix_now() == second {
+            return result;
+        }
+        eprintln!(
+            "{what}: the run took {:?}, across a second boundary: again",
+            started.elapsed()
+        );
+    }
+    panic!("could not run {what} within one second in 5 tries");
+}
+
 /// Open descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
