@@ -283,8 +283,17 @@ impl crate::select::Servers for ServersView<'_> {
 }
 
 impl ServersView<'_> {
+    /// The `-e` server; as in Pen, its access list (0 unless set) applies.
     pub fn emergency(&self) -> Option<Candidate> {
-        self.table.emergency.as_ref().map(|e| e.candidate(self.now))
+        self.table.emergency.as_ref().map(|e| Candidate {
+            denied: !self.table.permits(e.acl, self.client),
+            ..e.candidate(self.now)
+        })
+    }
+
+    /// The `-B` server, for a client the client ACL denied.
+    pub fn abuse(&self) -> Option<Candidate> {
+        self.table.abuse.as_ref().map(|e| e.candidate(self.now))
     }
 }
 
@@ -292,6 +301,28 @@ impl ServersView<'_> {
 mod tests {
     use super::*;
     use crate::config::{Config, Endpoint, ServerSpec};
+
+    #[test]
+    fn the_emergency_server_keeps_its_access_list() {
+        let local = |port: u16| Endpoint::Inet(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        let mut config = Config::with_defaults(local(2), vec![ServerSpec::new(local(1))]);
+        config.emergency = Some(ServerSpec::new(local(3)));
+        let mut state = ControlState::from_config(&config);
+        state.acls[0].push(AclEntry::V4 {
+            permit: false,
+            addr: std::net::Ipv4Addr::new(127, 0, 0, 9),
+            mask: std::net::Ipv4Addr::BROADCAST,
+        });
+        let table = RoutingTable::build(&state, &mut CounterBank::default(), 1);
+        let view = |client: [u8; 4]| ServersView {
+            table: &table,
+            now: Instant::now(),
+            failed: &[],
+            client: Some(IpAddr::from(client)),
+        };
+        assert!(view([127, 0, 0, 9]).emergency().unwrap().denied);
+        assert!(!view([127, 0, 0, 8]).emergency().unwrap().denied);
+    }
 
     #[test]
     fn huge_blacklist_times_mean_blacklisted_for_good() {

@@ -873,6 +873,32 @@ fn a_65000_byte_datagram_arrives_intact_both_ways() {
     assert_eq!(client.ask("small"), "B");
 }
 
+// ---------------------------------------------------------------------------
+// Access lists
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_client_the_client_acl_denies_goes_to_the_abuse_server_or_nowhere() {
+    let backend = UdpBackend::named("S0");
+    let abuse = UdpBackend::named("B");
+    let abuse_spec = format!("-B{}", abuse.spec());
+    let deny = ["-o", "acl 1 deny 127.0.0.190", "-o", "client_acl 1"];
+    let with_abuse: Vec<&str> = deny.iter().copied().chain([abuse_spec.as_str()]).collect();
+    let balancer = UdpBalancer::start(&with_abuse, &[backend.spec()]);
+    assert_eq!(balancer.client(190).ask("denied"), "B");
+    assert_eq!(balancer.client(191).ask("permitted"), "S0");
+    assert_eq!(backend.received(), 1, "only the permitted client reached S0");
+    drop(balancer);
+
+    let balancer = UdpBalancer::start(&deny, &[backend.spec()]);
+    let denied = balancer.client(190);
+    denied.send(b"denied");
+    assert_eq!(denied.recv_within(Duration::from_millis(300)), None);
+    assert_eq!(balancer.client(191).ask("permitted"), "S0");
+    assert_eq!(backend.received(), 2, "the denied client's datagram was dropped");
+    assert_eq!(abuse.received(), 1);
+}
+
 #[test]
 fn three_datagrams_answering_one_arrive_all_and_in_order() {
     let backend = UdpBackend::start("M", Ipv4Addr::LOCALHOST.into(), 3);

@@ -24,7 +24,7 @@ use super::{ring, Shared};
 use crate::control::ControlEvent;
 use crate::routing::{ServerCounters, ServersView};
 use crate::select::client_table::ClientKey;
-use crate::select::{first_choice, Attempts, Target};
+use crate::select::{abuse_choice, first_choice, Attempts, Target};
 
 /// Buffers hold a whole datagram (up to 64 KiB) plus the recvmsg header
 /// and the sender's address in front of it.
@@ -355,15 +355,27 @@ impl UdpWorker {
             failed: &[],
             client: Some(ip),
         };
-        let first = first_choice(&table.mode, &view, key, client.port(), tracked, &self.shared.rr);
+        // As for TCP: a client the client ACL denies goes to `-B` once, or
+        // its datagram is dropped.
+        let denied = !table.permits(table.client_acl, Some(ip));
+        let mut abuse_offer = denied.then(|| abuse_choice(view.abuse()));
+        let first = if denied {
+            None
+        } else {
+            first_choice(&table.mode, &view, key, client.port(), tracked, &self.shared.rr)
+        };
         let mut attempts = Attempts::new(first);
         let flow = loop {
-            let choice = {
-                let current = ServersView {
-                    failed: &failed,
-                    ..view
-                };
-                attempts.next(&table.mode, &current, tracked, current.emergency())
+            let choice = match abuse_offer.take() {
+                Some(offer) => offer,
+                None if denied => None,
+                None => {
+                    let current = ServersView {
+                        failed: &failed,
+                        ..view
+                    };
+                    attempts.next(&table.mode, &current, tracked, current.emergency())
+                }
             };
             let Some(choice) = choice else {
                 break None;
@@ -407,8 +419,13 @@ impl UdpWorker {
             }
         };
         let Some(flow) = flow else {
-            self.shared.global.active.fetch_sub(1, Ordering::AcqRel);
-            self.shared.global.refused_limit.fetch_add(1, Ordering::Relaxed);
+            let global = &self.shared.global;
+            global.active.fetch_sub(1, Ordering::AcqRel);
+            if !denied {
+                global.refused_limit.fetch_add(1, Ordering::Relaxed);
+            } else if table.abuse.is_none() {
+                global.refused_acl.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         };
         let id = self.free.pop().unwrap_or_else(|| {

@@ -21,7 +21,7 @@ use crate::control::state::FastClose;
 use crate::control::ControlEvent;
 use crate::routing::{RoutingTable, ServerCounters, ServersView};
 use crate::select::client_table::ClientKey;
-use crate::select::{first_choice, Attempts, Choice, Target};
+use crate::select::{abuse_choice, first_choice, Attempts, Choice, Target};
 
 /// Ring buffers per worker and their size. The ring hands buffers out in
 /// order, so under traffic all of them are touched: this is the worker's
@@ -596,21 +596,18 @@ impl Worker {
         if conn.closing {
             return None;
         }
-        if conn.abuse {
-            // Pen never fails over from the abuse server: offer it once.
-            let offer = !conn.abuse_tried && table.abuse.is_some();
-            conn.abuse_tried = true;
-            return offer.then_some(Choice {
-                target: Target::Abuse,
-                limit: None,
-            });
-        }
         let view = ServersView {
             table,
             now,
             failed: &conn.failed,
             client: conn.client_ip,
         };
+        if conn.abuse {
+            // Pen never fails over from the abuse server: offer it once.
+            let first_offer = !conn.abuse_tried;
+            conn.abuse_tried = true;
+            return abuse_choice(view.abuse()).filter(|_| first_offer);
+        }
         conn.attempts
             .next(&table.mode, &view, conn.tracked, view.emergency())
     }

@@ -74,8 +74,8 @@ pub enum Target {
     Server(usize),
     /// The `-e` server of last resort.
     Emergency,
-    /// The `-B` server for clients the client ACL denies. Selection never
-    /// offers it: the driver sends such clients there directly, once.
+    /// The `-B` server for clients the client ACL denies. Attempts never
+    /// offer it: the driver asks [`abuse_choice`] instead, once.
     Abuse,
 }
 
@@ -105,6 +105,19 @@ pub fn conn_limit(c: &Candidate, sticky: bool) -> Option<u32> {
 /// usable, not blacklisted, and below its limit for this client.
 pub fn admissible(c: &Candidate, sticky: bool) -> bool {
     available(c) && !c.denied && conn_limit(c, sticky).is_none_or(|limit| c.conns < limit)
+}
+
+/// The `-B` server for a client the client ACL denied, when it can take the
+/// connection: usable, not blacklisted, below its `max`. The driver offers it
+/// once, as Pen never fails over from it. Unlike Pen, `-B`'s own access list
+/// is not checked: Pen checks list 0, the default client ACL too, so a client
+/// that list denies could never reach Pen's `-B`.
+pub fn abuse_choice(abuse: Option<Candidate>) -> Option<Choice> {
+    let abuse = abuse.map(|c| Candidate { denied: false, ..c })?;
+    admissible(&abuse, false).then(|| Choice {
+        target: Target::Abuse,
+        limit: conn_limit(&abuse, false),
+    })
 }
 
 /// Pen's `server_is_unavailable` negated: what the first-choice policies
@@ -778,6 +791,43 @@ mod tests {
         assert_eq!(got, [Target::Server(0), Target::Server(0), Target::Emergency]);
         assert_eq!(a.last(), Some(Target::Emergency));
         assert_eq!(a.next(&mode(), &ups(2)[..], None, Some(up())), None);
+    }
+
+    #[test]
+    fn the_abuse_server_is_offered_only_when_it_can_take_the_client() {
+        let offered = |c: Candidate| abuse_choice(Some(c)).map(|choice| choice.limit);
+        assert_eq!(offered(up()), Some(None));
+        assert_eq!(
+            offered(Candidate { denied: true, ..up() }),
+            Some(None),
+            "its own list is not checked"
+        );
+        assert_eq!(
+            offered(Candidate {
+                max: 3,
+                hard: 9,
+                conns: 2,
+                ..up()
+            }),
+            Some(Some(3))
+        );
+        assert_eq!(
+            offered(Candidate {
+                max: 3,
+                conns: 3,
+                ..up()
+            }),
+            None
+        );
+        assert_eq!(
+            offered(Candidate {
+                blacklisted: true,
+                ..up()
+            }),
+            None
+        );
+        assert_eq!(offered(Candidate::default()), None, "not usable");
+        assert_eq!(abuse_choice(None), None);
     }
 
     #[test]
