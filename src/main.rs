@@ -21,12 +21,12 @@ fn main() -> ExitCode {
     let parsed = match cli::parse(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err(e) => {
-            eprintln!("ringpen: {e}");
+            eprintln!("ringpen: {}", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };
     for notice in &parsed.notices {
-        eprintln!("ringpen: {notice}");
+        eprintln!("ringpen: {}", one_line(notice));
     }
     match parsed.command {
         Command::Help(text) | Command::Version(text) => {
@@ -44,12 +44,26 @@ fn main() -> ExitCode {
                     if background {
                         tracing::error!("{e:#}");
                     }
-                    eprintln!("ringpen: {e:#}");
+                    eprintln!("ringpen: {}", one_line(&format!("{e:#}")));
                     ExitCode::FAILURE
                 }
             }
         }
     }
+}
+
+/// A message as one line: an argument it quotes may hold a line break
+/// (`-b $'1\n2'`), which is shown escaped instead.
+fn one_line(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_debug());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 /// Diagnostics go to stderr in the foreground and to syslog (facility

@@ -101,6 +101,25 @@ fn no_backend_is_refused() {
 }
 
 #[test]
+fn a_line_break_inside_an_argument_still_gives_one_line() {
+    if skip_on_pen("Pen prints its usage and exits 0") {
+        return;
+    }
+    refused(&["-b", "1\n2", "LISTEN", "127.0.0.1:80"], "-b");
+    refused(&["LISTEN", "127.0.0.1:80:a\nb"], "127.0.0.1:80:a\\nb");
+    refused(&["-o", "blacklist 5\nbogus", "LISTEN", "127.0.0.1:80"], "-o");
+}
+
+#[test]
+fn an_endless_dash_f_file_is_refused_without_reading_it_all() {
+    if skip_on_pen("Pen reads -F line by line and runs on") {
+        return;
+    }
+    let line = refused(&["-F", "/dev/zero", "LISTEN", "127.0.0.1:80"], "/dev/zero");
+    assert!(line.contains("larger than"), "{line}");
+}
+
+#[test]
 fn options_not_built_yet_are_refused_as_not_available() {
     if skip_on_pen("Pen has these options") {
         return;

@@ -13,7 +13,17 @@ pub const READ_MAX: u64 = 1 << 20;
 
 /// The text of the regular file at `path`, at most [`READ_MAX`] bytes.
 pub fn read_text(path: &Path) -> io::Result<String> {
-    let file = open_regular(path, OpenOptions::new().read(true))?;
+    read_limited(open_regular(path, OpenOptions::new().read(true))?)
+}
+
+/// The text of the `-F` file at start, at most [`READ_MAX`] bytes. Any kind
+/// of file will do (`-F <(generate)` is a pipe): nothing runs yet that a
+/// wait could hold up.
+pub fn read_text_at_start(path: &Path) -> io::Result<String> {
+    read_limited(File::open(path)?)
+}
+
+fn read_limited(file: File) -> io::Result<String> {
     let mut text = String::new();
     file.take(READ_MAX + 1).read_to_string(&mut text)?;
     if text.len() as u64 > READ_MAX {

@@ -507,7 +507,7 @@ pub fn initial_state(config: &crate::config::Config) -> anyhow::Result<ControlSt
     let mut state = ControlState::from_config(config);
     if let Some(path) = &config.config_file {
         let text =
-            std::fs::read_to_string(path).with_context(|| format!("-F: cannot read {}", path.display()))?;
+            files::read_text_at_start(path).with_context(|| format!("-F: cannot read {}", path.display()))?;
         state = configfile::apply(&state, &text, &live::Startup)
             .map_err(|e| anyhow::anyhow!("-F {}: {e}", path.display()))?
             .0;
