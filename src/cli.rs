@@ -293,7 +293,9 @@ fn build_config(
         None => None,
     };
     let control = match value(m, "C") {
-        Some(v) => Some(parse_listen(utf8(non_empty(v, "C")?, "-C")?).map_err(|e| prefixed("-C", e))?),
+        Some(v) => {
+            Some(parse_listen(utf8(non_empty(v, "C")?, "-C")?, c"tcp").map_err(|e| prefixed("-C", e))?)
+        }
         None => None,
     };
     let health = health_options(m, env)?;
@@ -328,7 +330,9 @@ fn build_config(
         .into_values()
         .map(|v| utf8(v, "-o").map(str::to_owned))
         .collect::<Result<Vec<_>, _>>()?;
-    let (listen, servers, emergency) = addresses(m)?;
+    // Service names are looked up for the protocol balanced, as Pen does.
+    let proto = if udp { c"udp" } else { c"tcp" };
+    let (listen, servers, emergency) = addresses(m, proto)?;
     let abuse = match value(m, "B") {
         Some(v) => {
             let text = utf8(non_empty(v, "B")?, "-B")?;
@@ -336,7 +340,7 @@ fn build_config(
                 Endpoint::Inet(addr) => Some(addr.port()),
                 Endpoint::Unix(_) => None,
             };
-            Some(parse_server(text, "abuse server (-B)", listen_port)?)
+            Some(parse_server(text, "abuse server (-B)", listen_port, proto)?)
         }
         None => None,
     };
@@ -489,14 +493,17 @@ fn health_options(
 
 /// The listen address, the backends and the `-e` server, which defaults to
 /// the listen port like the backends.
-fn addresses(m: &ArgMatches) -> Result<(Endpoint, Vec<ServerSpec>, Option<ServerSpec>), CliError> {
+fn addresses(
+    m: &ArgMatches,
+    proto: &CStr,
+) -> Result<(Endpoint, Vec<ServerSpec>, Option<ServerSpec>), CliError> {
     let mut args = m
         .get_many::<OsString>("address")
         .into_iter()
         .flatten()
         .map(|a| utf8(a, "address"));
     let listen = match args.next() {
-        Some(arg) => parse_listen(arg?)?,
+        Some(arg) => parse_listen(arg?, proto)?,
         None => return Err(CliError("no listen address given".into())),
     };
     let listen_port = match &listen {
@@ -504,7 +511,7 @@ fn addresses(m: &ArgMatches) -> Result<(Endpoint, Vec<ServerSpec>, Option<Server
         Endpoint::Unix(_) => None,
     };
     let servers = args
-        .map(|arg| parse_server(arg?, "backend", listen_port))
+        .map(|arg| parse_server(arg?, "backend", listen_port, proto))
         .collect::<Result<Vec<_>, _>>()?;
     // With -F the servers may all come from the file (Pen's `write` output
     // names none on its command line); the start checks there are some.
@@ -516,6 +523,7 @@ fn addresses(m: &ArgMatches) -> Result<(Endpoint, Vec<ServerSpec>, Option<Server
             utf8(arg, "-e")?,
             "emergency server (-e)",
             listen_port,
+            proto,
         )?),
         None => None,
     };
@@ -609,14 +617,15 @@ fn path(m: &ArgMatches, id: &str) -> Result<Option<PathBuf>, CliError> {
 // ---------------------------------------------------------------------------
 
 /// The listen address: `port`, `host:port`, `[ipv6]:port` or a Unix socket
-/// path (anything with a '/', as in Pen's `open_listener`).
-fn parse_listen(arg: &str) -> Result<Endpoint, CliError> {
+/// path (anything with a '/', as in Pen's `open_listener`). A service name
+/// is looked up for `proto`.
+fn parse_listen(arg: &str, proto: &CStr) -> Result<Endpoint, CliError> {
     if arg.contains('/') {
         return Ok(Endpoint::Unix(arg.into()));
     }
     let bad = |why: String| CliError(format!("bad listen address '{arg}': {why}"));
     let (host, port_text) = split_host_port(arg).map_err(bad)?;
-    let port = nonzero_port(port_text, c"tcp").map_err(bad)?;
+    let port = nonzero_port(port_text, proto).map_err(bad)?;
     // Pen defaults to 0.0.0.0; it would fail on an empty host (":8080"),
     // which we read as "no host" too.
     if host.is_empty() {
@@ -652,7 +661,12 @@ fn split_host_port(arg: &str) -> Result<(&str, &str), String> {
 /// but the port field keeps its place so that Pen's layout still holds
 /// (`/run/app.sock::10` has max 10); a port given there is checked and
 /// ignored, as Pen ignores it.
-fn parse_server(arg: &str, what: &str, default_port: Option<u16>) -> Result<ServerSpec, CliError> {
+fn parse_server(
+    arg: &str,
+    what: &str,
+    default_port: Option<u16>,
+    proto: &CStr,
+) -> Result<ServerSpec, CliError> {
     let bad = |why: &str| CliError(format!("bad {what} '{arg}': {why}"));
     let (host, fields) = match arg.strip_prefix('[') {
         Some(rest) => {
@@ -697,7 +711,7 @@ fn parse_server(arg: &str, what: &str, default_port: Option<u16>) -> Result<Serv
     );
     // Port 0 is allowed: Pen keeps such a server but never uses it.
     let port = match fields.first().filter(|p| !p.is_empty()) {
-        Some(text) => Some(parse_port(text, c"tcp").map_err(|why| bad(&why))?),
+        Some(text) => Some(parse_port(text, proto).map_err(|why| bad(&why))?),
         None => default_port,
     };
     let addr = if host.contains('/') {
@@ -1301,6 +1315,21 @@ mod tests {
             inet("127.0.0.1:3306")
         );
         assert!(error(&["nosuchservice", "127.0.0.1"]).contains("'nosuchservice'"));
+        // Under -U names are UDP services, as in Pen; tftp is UDP only.
+        let udp = run(&[
+            "-U",
+            "-e",
+            "10.0.0.3:tftp",
+            "-B",
+            "10.0.0.4:tftp",
+            "127.0.0.1:tftp",
+            "10.0.0.2:tftp",
+        ]);
+        assert_eq!(udp.listen, inet("127.0.0.1:69"));
+        assert_eq!(udp.servers, [server("10.0.0.2:69")]);
+        assert_eq!(udp.emergency, Some(server("10.0.0.3:69")));
+        assert_eq!(udp.abuse, Some(server("10.0.0.4:69")));
+        assert!(error(&["127.0.0.1:tftp", "127.0.0.1"]).contains("'tftp'"));
     }
 
     #[test]
