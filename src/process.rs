@@ -78,8 +78,15 @@ pub fn lookup_user(name: &str) -> anyhow::Result<User> {
         .with_context(|| format!("-u: no such user '{name}'"))
 }
 
-/// `-u`: become `user` (its uid, its groups).
+/// `-u`: become `user` (its uid, its groups). Without root there is nothing
+/// to change when the process already runs as that user, as when a service
+/// manager starts it so; any other user is refused.
 pub fn become_user(user: &User) -> anyhow::Result<()> {
+    if !unistd::geteuid().is_root() {
+        let already = unistd::getuid() == user.uid && unistd::getgid() == user.gid;
+        anyhow::ensure!(already, "-u: only root can become user '{}'", user.name);
+        return Ok(());
+    }
     let name = CString::new(user.name.as_str()).context("-u: user name contains a NUL byte")?;
     unistd::initgroups(&name, user.gid)
         .with_context(|| format!("-u: cannot set the groups of '{}'", user.name))?;

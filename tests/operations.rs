@@ -284,11 +284,17 @@ fn sigusr1_prints_per_server_stats_on_stderr_and_keeps_running() {
 }
 
 fn uid_of(user: &str) -> Option<u32> {
+    ids_of(user).map(|(uid, _)| uid)
+}
+
+/// (uid, gid) of `user` in /etc/passwd.
+fn ids_of(user: &str) -> Option<(u32, u32)> {
     fs::read_to_string("/etc/passwd").ok()?.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
-        (fields.first() == Some(&user))
-            .then(|| fields.get(2)?.parse().ok())
-            .flatten()
+        if fields.first() != Some(&user) {
+            return None;
+        }
+        Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
     })
 }
 
@@ -315,5 +321,60 @@ fn dash_u_nobody_gives_up_root_and_still_proxies() {
         uids_of_process(balancer.pid()),
         [nobody; 4],
         "real, effective, saved, fs uid"
+    );
+}
+
+#[test]
+fn dash_u_without_root_runs_as_that_user_and_refuses_another() {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    if uids_of_process(std::process::id())[0] != 0 {
+        eprintln!("skipped: starting a process as nobody needs the tests to run as root");
+        return;
+    }
+    let (uid, gid) = ids_of("nobody").expect("a 'nobody' user in /etc/passwd");
+    // A copy nobody can run: a clean clone's target directory may be private.
+    let dir = TempDir::new();
+    let binary = dir.join("ringpen");
+    fs::copy(bin(), &binary).expect("copy the binary");
+    let port = Port::reserve();
+    let listen = format!("127.0.0.1:{}", port.port);
+    let s0 = Backend::named("S0");
+    let as_nobody = |user: &str| {
+        let mut command = Command::new(&binary);
+        command
+            .args(["-f", "-u", user, &listen, &s0.spec()])
+            .current_dir(dir.path())
+            .uid(uid)
+            .gid(gid);
+        command
+    };
+
+    let refused = output_within(&mut as_nobody("root"), WAIT).expect("run ringpen as nobody");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "-u root as nobody: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("-u: only root can become user 'root'"),
+        "{stderr}"
+    );
+
+    let mut child = as_nobody("nobody")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .expect("start ringpen as nobody");
+    wait_until("ringpen running as nobody to listen", || {
+        listens_alone(child.id(), port.port) || child.try_wait().ok().flatten().is_some()
+    });
+    let mut client = connect_from(client_ip(2), listen.parse().unwrap());
+    let reply = read_line(&mut client);
+    stop_child(&mut child);
+    assert_eq!(
+        reply.ok().as_deref(),
+        Some("S0"),
+        "stderr: {}",
+        read_lossy(&dir.join("stderr"))
     );
 }
