@@ -1035,15 +1035,7 @@ fn set_server(
             }
             ServerField::Max(n) => conf.spec.max = n,
             ServerField::Hard(n) => conf.spec.hard = n,
-            // Pen's `status = now + T - blacklist_time`: the server counts
-            // as failed long enough ago that T seconds remain; T = 0 lifts
-            // the blacklist.
-            ServerField::Blacklist(secs) => {
-                conf.status = live
-                    .now_epoch()
-                    .saturating_add(secs)
-                    .saturating_sub(state.blacklist_secs)
-            }
+            ServerField::Blacklist(secs) => conf.blacklist_for(secs, live.now_epoch(), state.blacklist_secs),
             ServerField::Weight(n) => conf.spec.weight = n,
             ServerField::Prio(n) => conf.spec.prio = n,
         }
@@ -1821,6 +1813,7 @@ pub(crate) mod tests {
                 base.servers.resize(s.servers.len(), base.servers[0].clone());
                 for (restored, written) in base.servers.iter_mut().zip(&s.servers) {
                     restored.status = written.status;
+                    restored.blacklisted_by_operator = written.blacklisted_by_operator;
                     restored.health = written.health;
                 }
                 let (restored, _) = configfile::apply(&base, &text, &live)

@@ -149,9 +149,7 @@ impl Control {
         );
         conf.health = report.health;
         if report.health == state::Health::Up {
-            // The check is newer news than the connect that failed: a server
-            // checked up again takes clients at once, not when `-b` ends.
-            conf.status = 0;
+            conf.checked_up();
         }
         self.publish();
         let close = self
@@ -415,7 +413,7 @@ impl Control {
                 };
                 let Some(conf) = conf else { return };
                 // Pen's blacklist_server, and its message, logged at every -d level.
-                conf.status = epoch_now();
+                conf.connect_failed(epoch_now());
                 tracing::warn!(
                     "blacklisting {name} ({}) for {blacklist}s because connect error {}",
                     conf.spec.addr,

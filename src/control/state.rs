@@ -63,6 +63,9 @@ pub struct ServerConf {
     /// Pen's `status`: the epoch second of the last failure (0 = none). The
     /// server is blacklisted while `now - status < blacklist_secs`.
     pub status: u64,
+    /// The blacklist in `status` is the operator's (`server N blacklist T`),
+    /// which a health check does not lift.
+    pub blacklisted_by_operator: bool,
     pub health: Health,
 }
 
@@ -72,12 +75,38 @@ impl ServerConf {
             spec,
             acl: 0,
             status: 0,
+            blacklisted_by_operator: false,
             health: Health::Unchecked,
         }
     }
 
     pub fn is_blacklisted(&self, now_epoch: u64, blacklist_secs: u64) -> bool {
         self.status != 0 && now_epoch.saturating_sub(self.status) < blacklist_secs
+    }
+
+    /// A connect failed (Pen's `blacklist_server`): blacklisted for
+    /// `blacklist_secs` from now, unless the operator's blacklist lasts longer.
+    pub fn connect_failed(&mut self, now_epoch: u64) {
+        if now_epoch >= self.status {
+            self.status = now_epoch;
+            self.blacklisted_by_operator = false;
+        }
+    }
+
+    /// `server N blacklist T`: Pen's `status = now + T - blacklist_time`, so
+    /// that T seconds remain; T = 0 lifts any blacklist.
+    pub fn blacklist_for(&mut self, secs: u64, now_epoch: u64, blacklist_secs: u64) {
+        self.status = now_epoch.saturating_add(secs).saturating_sub(blacklist_secs);
+        self.blacklisted_by_operator = secs > 0;
+    }
+
+    /// A health check found the server up. That is newer news than a failed
+    /// connect, so its blacklist ends at once rather than when `-b` runs
+    /// out; a blacklist the operator set stays.
+    pub fn checked_up(&mut self) {
+        if !self.blacklisted_by_operator {
+            self.status = 0;
+        }
     }
 }
 
@@ -172,5 +201,40 @@ impl ControlState {
             chroot: config.chroot.clone(),
             pid_file: config.pid_file.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Endpoint;
+
+    #[test]
+    fn a_health_check_lifts_a_failed_connects_blacklist_but_not_the_operators() {
+        let (now, b) = (1_000_000, 30);
+        let mut conf = ServerConf::new(ServerSpec::new(Endpoint::Inet("127.0.0.1:1".parse().unwrap())));
+        conf.connect_failed(now);
+        assert!(conf.is_blacklisted(now, b));
+        conf.checked_up();
+        assert!(!conf.is_blacklisted(now, b), "checked up: back at once");
+
+        // `server N blacklist 3600`, then the node is restarted and checked up.
+        conf.blacklist_for(3600, now, b);
+        conf.checked_up();
+        assert!(conf.is_blacklisted(now + 3599, b));
+        // A connect that fails meanwhile does not shorten it either.
+        conf.connect_failed(now + 10);
+        conf.checked_up();
+        assert!(conf.is_blacklisted(now + 3599, b));
+        assert!(!conf.is_blacklisted(now + 3600, b));
+        // Once a later failure outlasts it, that blacklist is the passive one.
+        conf.connect_failed(now + 3590);
+        conf.checked_up();
+        assert!(!conf.is_blacklisted(now + 3590, b));
+
+        // `server N blacklist 0` lifts it.
+        conf.blacklist_for(3600, now, b);
+        conf.blacklist_for(0, now, b);
+        assert!(!conf.is_blacklisted(now, b));
     }
 }
