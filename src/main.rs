@@ -147,21 +147,30 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             .transpose()?,
     };
     dataplane::probe()?;
+    // With -j, Pen opens the log and the pid file after chroot, so their
+    // paths name files inside the jail; SIGHUP reopens the log by that path.
+    let jail = config.chroot.as_deref();
+    if let Some(dir) = jail {
+        process::check_chroot(dir)?;
+    }
     let log_sink = state
         .log
         .as_ref()
-        .map(|target| Sink::open(target).with_context(|| format!("-l: cannot open the log {target:?}")))
+        .map(|target| {
+            let target = match (target, jail) {
+                (LogTarget::File(path), Some(jail)) => LogTarget::File(process::in_jail(jail, path)),
+                _ => target.clone(),
+            };
+            Sink::open(&target).with_context(|| format!("-l: cannot open the log {target}"))
+        })
         .transpose()?;
 
     let user = config.user.as_deref().map(process::lookup_user).transpose()?;
     let mut pid_file = config
         .pid_file
         .as_deref()
-        .map(process::PidFile::open)
+        .map(|path| process::PidFile::open(path, jail))
         .transpose()?;
-    if let Some(dir) = &config.chroot {
-        process::check_chroot(dir)?;
-    }
 
     if !config.foreground {
         process::daemonize()?;
@@ -172,6 +181,9 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     }
     if let Some(dir) = &config.chroot {
         process::chroot(dir)?;
+        if let Some(pid_file) = &mut pid_file {
+            pid_file.entered_jail();
+        }
     }
     if let Some(user) = &user {
         process::become_user(user)?;

@@ -26,18 +26,33 @@ pub fn daemonize() -> anyhow::Result<()> {
 /// where the error can be seen; the pid is written once it is the
 /// daemon's.
 pub struct PidFile {
+    /// Where the file is reached now (removed from there at exit).
     path: PathBuf,
     file: std::fs::File,
+    /// With `-j`: its path once inside the jail.
+    path_in_jail: Option<PathBuf>,
 }
 
 impl PidFile {
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("cannot write pid file {}", path.display()))?;
+    /// Creates the pid file. With `-j` the path names a file inside the
+    /// jail, as in Pen (which opens it after chroot); it is created now, from
+    /// outside, so that a mistake is reported before going to the background.
+    pub fn open(path: &Path, jail: Option<&Path>) -> anyhow::Result<Self> {
+        let at = jail.map_or_else(|| path.to_path_buf(), |jail| in_jail(jail, path));
+        let file =
+            std::fs::File::create(&at).with_context(|| format!("cannot write pid file {}", at.display()))?;
         Ok(PidFile {
-            path: path.to_path_buf(),
+            path: at,
             file,
+            path_in_jail: jail.map(|_| path.to_path_buf()),
         })
+    }
+
+    /// After the chroot: from now on the file is reached by its path inside.
+    pub fn entered_jail(&mut self) {
+        if let Some(path) = self.path_in_jail.take() {
+            self.path = path;
+        }
     }
 
     /// Writes this process's pid.
@@ -50,7 +65,7 @@ impl PidFile {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        // After -j the path may no longer be reachable; Pen has the same limit.
+        // After -u the directory may not be writable; Pen has the same limit.
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -62,6 +77,11 @@ pub fn check_chroot(dir: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(dir).with_context(|| format!("-j: cannot use {}", dir.display()))?;
     anyhow::ensure!(meta.is_dir(), "-j: {} is not a directory", dir.display());
     Ok(())
+}
+
+/// Where `path` (absolute) inside the jail `jail` is, seen from outside.
+pub fn in_jail(jail: &Path, path: &Path) -> PathBuf {
+    jail.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 /// `-j`: chroot into `dir`.

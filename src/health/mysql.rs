@@ -47,16 +47,20 @@ pub mod caps {
 /// The only authentication plugin a check implements.
 pub const NATIVE_PASSWORD: &str = "mysql_native_password";
 
-/// The largest payload a check accepts. Every packet of a check is small;
-/// a server that sends more is broken or hostile, and a 16 MiB packet
-/// split over several frames is never needed.
-pub const MAX_PAYLOAD: usize = 1 << 20;
+/// The largest payload a check accepts. Every packet of a check is small
+/// (a greeting, an OK or ERR, a row of two short values); a server that
+/// sends more is broken or hostile, and a packet split over several frames
+/// is never needed.
+pub const MAX_PAYLOAD: usize = 1 << 16;
 
-/// Rows a result set may hold before a check gives up on it.
-pub const MAX_ROWS: usize = 1024;
+/// Rows a result set may hold before a check gives up on it: the check's
+/// queries ask for at most four. With [`MAX_PAYLOAD`] this bounds what one
+/// response can make a check hold to about a megabyte.
+pub const MAX_ROWS: usize = 16;
 
-/// Columns a result set may declare before a check gives up on it.
-pub const MAX_COLUMNS: usize = 256;
+/// Columns a result set may declare before a check gives up on it (the
+/// check's queries return two).
+pub const MAX_COLUMNS: usize = 16;
 
 /// `utf8mb3_general_ci`: known to every server version.
 const CHARSET_UTF8_GENERAL_CI: u8 = 33;
