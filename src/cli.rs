@@ -450,6 +450,22 @@ fn health_options(
             }
         }
     };
+    // Options the chosen check would not use are refused, not ignored.
+    let needs = |id: &str, kinds: &[CheckKind], names: &str| match given(m, id) && !kinds.contains(&kind) {
+        true => Err(CliError(format!("--{id} needs --check {names}"))),
+        false => Ok(()),
+    };
+    needs(
+        "check-user",
+        &[CheckKind::Mysql, CheckKind::Galera],
+        "mysql or galera",
+    )?;
+    needs(
+        "check-password-file",
+        &[CheckKind::Mysql, CheckKind::Galera],
+        "mysql or galera",
+    )?;
+    needs("donor", &[CheckKind::Galera], "galera")?;
     let user = match value(m, "check-user") {
         Some(v) => Some(utf8(non_empty(v, "check-user")?, "--check-user")?.to_owned()),
         None => None,
@@ -1224,6 +1240,18 @@ mod tests {
         ])
         .contains("/nonexistent/pw"));
         assert!(err(&["--check", "tcp", "--on-down", "kill", "80", "127.0.0.1"]).contains("--on-down"));
+        // What the chosen check would not use is refused, not ignored.
+        let unused = |opts: &[&str]| err(&[opts, &["80", "127.0.0.1"]].concat());
+        assert_eq!(
+            unused(&["--check", "tcp", "--check-user", "lb"]),
+            "--check-user needs --check mysql or galera"
+        );
+        assert!(unused(&["--check", "tcp", "--check-password-file", "/x"])
+            .starts_with("--check-password-file needs"));
+        assert_eq!(
+            unused(&["--check", "mysql", "--donor", "up"]),
+            "--donor needs --check galera"
+        );
         assert!(err(&["--metrics", "99999", "80", "127.0.0.1"]).contains("--metrics"));
     }
 
