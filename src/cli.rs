@@ -731,7 +731,11 @@ fn parse_server(
         None => default_port,
     };
     let addr = if host.contains('/') {
-        Endpoint::Unix(host.into())
+        let addr = Endpoint::Unix(host.into());
+        // The listen address gets this check from bind; a backend's would
+        // only fail at every connect.
+        addr.to_sockaddr().map_err(|e| bad(&e.to_string()))?;
+        addr
     } else {
         let port = port.ok_or_else(|| bad("no port, and a Unix listen address has none to lend"))?;
         Endpoint::Inet(resolve(host, port)?)
@@ -1426,6 +1430,11 @@ mod tests {
             "bad backend '127.0.0.1:80:x': max 'x' is not a number"
         );
         assert!(error(&["80", "127.0.0.1:80:1:2:3:-4"]).contains("'127.0.0.1:80:1:2:3:-4'"));
+        let long = format!("/run/{}.sock", "a".repeat(110));
+        assert!(
+            error(&["80", &long]).contains("SUN_LEN"),
+            "a Unix path the kernel cannot take"
+        );
         assert_eq!(
             error(&["80", "h:1:2:3:4:5:6"]),
             "bad backend 'h:1:2:3:4:5:6': too many fields"
