@@ -350,14 +350,16 @@ fn dash_u_without_root_runs_as_that_user_and_refuses_another() {
         command
     };
 
-    let refused = output_within(&mut as_nobody("root"), WAIT).expect("run ringpen as nobody");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "-u root as nobody: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("-u: only root can become user 'root'"),
-        "{stderr}"
-    );
+    if !skip_on_pen("Pen's refusal is not one line") {
+        let refused = output_within(&mut as_nobody("root"), WAIT).expect("run ringpen as nobody");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "-u root as nobody: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("-u: only root can become user 'root'"),
+            "{stderr}"
+        );
+    }
 
     let mut child = as_nobody("nobody")
         .stdin(Stdio::null())
@@ -383,6 +385,9 @@ fn dash_u_without_root_runs_as_that_user_and_refuses_another() {
 fn dash_j_keeps_the_log_and_pid_file_inside_the_jail_and_sighup_reopens_the_log_there() {
     if uids_of_process(std::process::id())[0] != 0 {
         eprintln!("skipped: -j needs the tests to run as root");
+        return;
+    }
+    if skip_on_pen("Pen buffers its log lines until exit") {
         return;
     }
     let echo = Backend::echo();
