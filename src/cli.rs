@@ -455,16 +455,9 @@ fn health_options(
         true => Err(CliError(format!("--{id} needs --check {names}"))),
         false => Ok(()),
     };
-    needs(
-        "check-user",
-        &[CheckKind::Mysql, CheckKind::Galera],
-        "mysql or galera",
-    )?;
-    needs(
-        "check-password-file",
-        &[CheckKind::Mysql, CheckKind::Galera],
-        "mysql or galera",
-    )?;
+    for id in ["check-user", "check-password-file"] {
+        needs(id, &[CheckKind::Mysql, CheckKind::Galera], "mysql or galera")?;
+    }
     needs("donor", &[CheckKind::Galera], "galera")?;
     let user = match value(m, "check-user") {
         Some(v) => Some(utf8(non_empty(v, "check-user")?, "--check-user")?.to_owned()),
