@@ -95,17 +95,14 @@ impl ServerEntry {
         now: Instant,
         now_epoch: u64,
     ) -> Self {
-        let remaining = conf
-            .status
-            .saturating_add(blacklist_secs)
-            .saturating_sub(now_epoch);
         ServerEntry {
             // An address the kernel cannot take (an over-long Unix path) is
             // kept as unusable rather than failing the whole table.
             sockaddr: conf.spec.addr.to_sockaddr().unwrap_or_else(|_| unspecified()),
             spec: conf.spec.clone(),
-            blacklisted_until: (conf.is_blacklisted(now_epoch, blacklist_secs))
-                .then(|| now + seconds(remaining)),
+            blacklisted_until: conf
+                .blacklist_left(now_epoch, blacklist_secs)
+                .map(|left| now + seconds(left)),
             acl: conf.acl,
             accepts_new: conf.health.accepts_new(),
             counters,

@@ -636,6 +636,42 @@ fn a_server_checked_up_again_is_no_longer_blacklisted() {
 }
 
 #[test]
+fn a_blacklist_the_operator_set_outlives_a_restart_that_the_checks_see() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let b_addr = b.addr;
+    let (lb, ctl) = tcp_checked(&a, &b, &[]);
+    let health = || penctl(&ctl.addr(), "health");
+    wait_until("both servers up", || health().matches("health up").count() == 2);
+    penctl(&ctl.addr(), "server 1 blacklist 3600");
+    // Maintenance: B goes down and comes back, checked up again.
+    drop(b);
+    wait_until("server 1 down", || server_1_down(&ctl));
+    let _b_again = Backend::named_at("B", b_addr);
+    wait_until("server 1 back up", || health().matches("health up").count() == 2);
+    let answers: Vec<String> = (10..14).map(|octet| lb.ask(octet)).collect();
+    assert!(
+        answers.iter().all(|a| a == "A"),
+        "B is still blacklisted: {answers:?}"
+    );
+}
+
+#[test]
+fn server_blacklist_holds_with_passive_blacklisting_off() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let ctl = ControlPort::new();
+    // `-b 0`: no passive blacklisting; penctl alone takes servers out.
+    let lb = Balancer::start(
+        &["-u", "root", "-C", &ctl.addr(), "-b", "0", "-r"],
+        &[a.spec(), b.spec()],
+    );
+    penctl(&ctl.addr(), "server 0 blacklist 60");
+    let answers: Vec<String> = (2..6).map(|octet| lb.ask(octet)).collect();
+    assert_eq!(answers, ["B"; 4]);
+}
+
+#[test]
 fn the_status_page_is_written_on_sigusr1_and_returned_by_status() {
     let a = Backend::named("A");
     let dir = TempDir::new();

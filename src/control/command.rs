@@ -1813,7 +1813,7 @@ pub(crate) mod tests {
                 base.servers.resize(s.servers.len(), base.servers[0].clone());
                 for (restored, written) in base.servers.iter_mut().zip(&s.servers) {
                     restored.status = written.status;
-                    restored.blacklisted_by_operator = written.blacklisted_by_operator;
+                    restored.operator_blacklist_until = written.operator_blacklist_until;
                     restored.health = written.health;
                 }
                 let (restored, _) = configfile::apply(&base, &text, &live)

@@ -149,7 +149,7 @@ impl Control {
         );
         conf.health = report.health;
         if report.health == state::Health::Up {
-            conf.checked_up();
+            conf.checked_up(epoch_now());
         }
         self.publish();
         let close = self

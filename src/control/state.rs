@@ -61,11 +61,11 @@ pub struct ServerConf {
     /// Access list checked for clients of this server (`server N acl A`).
     pub acl: u8,
     /// Pen's `status`: the epoch second of the last failure (0 = none). The
-    /// server is blacklisted while `now - status < blacklist_secs`.
+    /// server is blacklisted while `now < status + blacklist_secs`.
     pub status: u64,
-    /// The blacklist in `status` is the operator's (`server N blacklist T`),
-    /// which a health check does not lift.
-    pub blacklisted_by_operator: bool,
+    /// `server N blacklist T`: blacklisted until this epoch second whatever
+    /// `-b` is (with `-b 0` too), and a health check does not lift it.
+    pub operator_blacklist_until: u64,
     pub health: Health,
 }
 
@@ -75,36 +75,45 @@ impl ServerConf {
             spec,
             acl: 0,
             status: 0,
-            blacklisted_by_operator: false,
+            operator_blacklist_until: 0,
             health: Health::Unchecked,
         }
     }
 
     pub fn is_blacklisted(&self, now_epoch: u64, blacklist_secs: u64) -> bool {
-        self.status != 0 && now_epoch.saturating_sub(self.status) < blacklist_secs
+        self.blacklist_left(now_epoch, blacklist_secs).is_some()
+    }
+
+    /// Seconds of blacklisting left, if any: after a failed connect or as
+    /// the operator set it, whichever ends later.
+    pub fn blacklist_left(&self, now_epoch: u64, blacklist_secs: u64) -> Option<u64> {
+        let failed = match self.status {
+            0 => 0,
+            at => at.saturating_add(blacklist_secs).saturating_sub(now_epoch),
+        };
+        let operator = self.operator_blacklist_until.saturating_sub(now_epoch);
+        Some(failed.max(operator)).filter(|&left| left > 0)
     }
 
     /// A connect failed (Pen's `blacklist_server`): blacklisted for
-    /// `blacklist_secs` from now, unless the operator's blacklist lasts longer.
+    /// `blacklist_secs` from now.
     pub fn connect_failed(&mut self, now_epoch: u64) {
-        if now_epoch >= self.status {
-            self.status = now_epoch;
-            self.blacklisted_by_operator = false;
-        }
+        self.status = now_epoch;
     }
 
-    /// `server N blacklist T`: Pen's `status = now + T - blacklist_time`, so
-    /// that T seconds remain; T = 0 lifts any blacklist.
+    /// `server N blacklist T`: T seconds from now; T = 0 lifts any blacklist.
+    /// `status` becomes Pen's `now + T - blacklist_time` for the status page
+    /// and `servers`.
     pub fn blacklist_for(&mut self, secs: u64, now_epoch: u64, blacklist_secs: u64) {
         self.status = now_epoch.saturating_add(secs).saturating_sub(blacklist_secs);
-        self.blacklisted_by_operator = secs > 0;
+        self.operator_blacklist_until = now_epoch.saturating_add(secs);
     }
 
     /// A health check found the server up. That is newer news than a failed
     /// connect, so its blacklist ends at once rather than when `-b` runs
     /// out; a blacklist the operator set stays.
-    pub fn checked_up(&mut self) {
-        if !self.blacklisted_by_operator {
+    pub fn checked_up(&mut self, now_epoch: u64) {
+        if self.operator_blacklist_until <= now_epoch {
             self.status = 0;
         }
     }
@@ -214,27 +223,46 @@ mod tests {
         let (now, b) = (1_000_000, 30);
         let mut conf = ServerConf::new(ServerSpec::new(Endpoint::Inet("127.0.0.1:1".parse().unwrap())));
         conf.connect_failed(now);
-        assert!(conf.is_blacklisted(now, b));
-        conf.checked_up();
+        assert_eq!(conf.blacklist_left(now + 10, b), Some(20));
+        conf.checked_up(now);
         assert!(!conf.is_blacklisted(now, b), "checked up: back at once");
 
         // `server N blacklist 3600`, then the node is restarted and checked up.
         conf.blacklist_for(3600, now, b);
-        conf.checked_up();
+        conf.checked_up(now + 5);
         assert!(conf.is_blacklisted(now + 3599, b));
         // A connect that fails meanwhile does not shorten it either.
         conf.connect_failed(now + 10);
-        conf.checked_up();
+        conf.checked_up(now + 20);
         assert!(conf.is_blacklisted(now + 3599, b));
         assert!(!conf.is_blacklisted(now + 3600, b));
-        // Once a later failure outlasts it, that blacklist is the passive one.
+        // Once it is over, a check lifts a later failure's blacklist again.
         conf.connect_failed(now + 3590);
-        conf.checked_up();
-        assert!(!conf.is_blacklisted(now + 3590, b));
+        conf.checked_up(now + 3600);
+        assert!(!conf.is_blacklisted(now + 3600, b));
 
         // `server N blacklist 0` lifts it.
         conf.blacklist_for(3600, now, b);
         conf.blacklist_for(0, now, b);
         assert!(!conf.is_blacklisted(now, b));
+    }
+
+    #[test]
+    fn the_operators_blacklist_holds_whatever_dash_b_is() {
+        let now = 1_000_000;
+        let mut conf = ServerConf::new(ServerSpec::new(Endpoint::Inet("127.0.0.1:1".parse().unwrap())));
+        // `-b 0` (passive blacklisting off, health driven by penctl), and a
+        // `-b` so large that Pen's `now + T - b` would go below zero.
+        for b in [0, 99_999_999_999, u64::MAX] {
+            conf.blacklist_for(60, now, b);
+            assert_eq!(conf.blacklist_left(now, b), Some(60), "-b {b}");
+            assert!(!conf.is_blacklisted(now + 60, b), "-b {b}");
+            conf.blacklist_for(0, now, b);
+            assert!(!conf.is_blacklisted(now, b), "-b {b}");
+        }
+        // With -b 0 a failed connect blacklists nothing, as in Pen.
+        let mut fresh = ServerConf::new(conf.spec.clone());
+        fresh.connect_failed(now);
+        assert!(!fresh.is_blacklisted(now, 0));
     }
 }
