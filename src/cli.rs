@@ -310,10 +310,6 @@ fn build_config(
     if !udp && given(m, "udp-idle") {
         return Err(CliError("--udp-idle needs -U".into()));
     }
-    if udp && log.is_some() {
-        // Pen's UDP path writes no log either; say so rather than ignore -l.
-        notices.push("-l logs TCP requests only: with -U nothing is written to it (as in Pen)".into());
-    }
     let udp_idle_secs = positive(m, "udp-idle")?.unwrap_or(60);
     let metrics = match value(m, "metrics") {
         Some(v) => Some(parse_metrics(utf8(v, "--metrics")?)?),
@@ -1089,10 +1085,6 @@ mod tests {
         assert_eq!(config.accepts_per_wakeup, 1);
         assert_eq!(config.backlog, 50);
         assert_eq!(notices(&args), ["-m 0 raised to 1", "-q 10 raised to 50"]);
-        assert_eq!(
-            notices(&["-U", "-l", "/tmp/udp.log", "53", "127.0.0.1"]),
-            ["-l logs TCP requests only: with -U nothing is written to it (as in Pen)"]
-        );
     }
 
     #[test]

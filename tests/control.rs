@@ -636,6 +636,34 @@ fn a_server_checked_up_again_is_no_longer_blacklisted() {
 }
 
 #[test]
+fn a_log_opened_at_run_time_names_connections_that_were_already_open() {
+    let echo = Backend::echo();
+    let ctl = ControlPort::new();
+    let lb = Balancer::start(&["-u", "root", "-C", &ctl.addr()], &[echo.spec()]);
+    let mut early = lb.connect_from(7);
+    early.write_all(b"before\n").unwrap();
+    let mut echoed = [0u8; 7];
+    early.read_exact(&mut echoed).expect("the echo");
+    let dir = TempDir::new();
+    let log = dir.join("late.log");
+    let reply = penctl(&ctl.addr(), &format!("log {}", log.display()));
+    assert_eq!(reply, format!("{}\n", log.display()));
+    early.write_all(b"after\n").unwrap();
+    let mut echoed = [0u8; 6];
+    early.read_exact(&mut echoed).expect("the echo");
+    wait_until("the line for the early connection", || {
+        read_lossy(&log).contains("after")
+    });
+    let line = read_lossy(&log);
+    let fields: Vec<&str> = line.trim_end().splitn(4, ' ').collect();
+    assert_eq!(
+        (fields[0], fields[2], fields[3]),
+        ("127.0.0.7", "127.0.0.1", "after"),
+        "{line:?}"
+    );
+}
+
+#[test]
 fn a_blacklist_the_operator_set_outlives_a_restart_that_the_checks_see() {
     let a = Backend::named("A");
     let b = Backend::named("B");

@@ -900,6 +900,34 @@ fn a_client_the_client_acl_denies_goes_to_the_abuse_server_or_nowhere() {
 }
 
 #[test]
+fn dash_l_logs_every_datagram_a_client_sends() {
+    let backend = UdpBackend::named("S0");
+    let dir = TempDir::new();
+    let log = dir.join("udp.log");
+    let log_arg = log.display().to_string();
+    let balancer = UdpBalancer::start(&["-l", &log_arg], &[backend.spec()]);
+    let client = balancer.client(192);
+    for payload in ["first", "second\r\nrest"] {
+        client.ask(payload);
+    }
+    wait_until("two log lines", || read_lossy(&log).lines().count() == 2);
+    let text = read_lossy(&log);
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.splitn(4, ' ').collect()).collect();
+    for (fields, first_bytes) in lines.iter().zip(["first", "second"]) {
+        assert_eq!(
+            fields.len(),
+            4,
+            "client_ip unix_time server_ip first_bytes:\n{text}"
+        );
+        assert_eq!(
+            (fields[0], fields[2], fields[3]),
+            ("127.0.0.192", "127.0.0.1", first_bytes),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn three_datagrams_answering_one_arrive_all_and_in_order() {
     let backend = UdpBackend::start("M", Ipv4Addr::LOCALHOST.into(), 3);
     let balancer = UdpBalancer::start(&[], &[backend.spec()]);

@@ -107,6 +107,14 @@ struct Flow {
     closing: bool,
     /// Cancel completions still to come.
     owed: u32,
+    /// The client's slot in the client table, for its byte counts.
+    slot: usize,
+    /// Bytes from the client and to it, added to the client table at the end.
+    bytes_from_client: u64,
+    bytes_to_client: u64,
+    /// For `-l`: both addresses as text.
+    client_text: String,
+    server_text: String,
 }
 
 impl Flow {
@@ -141,6 +149,8 @@ struct UdpWorker {
     tick: Box<types::Timespec>,
     now: Instant,
     stop: bool,
+    /// The `-l` line being formatted, reused.
+    log_line: Vec<u8>,
 }
 
 /// The UDP worker thread's body, on its own SO_REUSEPORT socket.
@@ -171,6 +181,7 @@ pub fn run(id: usize, shared: Arc<Shared>, socket: OwnedFd) -> anyhow::Result<()
         tick: Box::new(types::Timespec::new().sec(1)),
         now: Instant::now(),
         stop: false,
+        log_line: Vec::new(),
     };
     worker.arm_waker();
     worker.arm_tick();
@@ -335,6 +346,13 @@ impl UdpWorker {
         flow.counters
             .sent
             .fetch_add(u64::from(datagram.len), Ordering::Relaxed);
+        flow.bytes_from_client += u64::from(datagram.len);
+        let log = &self.shared.log;
+        if log.is_enabled() {
+            let bytes = self.bufs.bytes(datagram.buf, datagram.offset + datagram.len);
+            let payload = &bytes[datagram.offset as usize..];
+            log.log(&mut self.log_line, &flow.client_text, &flow.server_text, payload);
+        }
         flow.up.push_back(datagram);
         self.pump(id);
     }
@@ -407,6 +425,11 @@ impl UdpWorker {
                         recv_armed: false,
                         closing: false,
                         owed: 0,
+                        slot,
+                        bytes_from_client: 0,
+                        bytes_to_client: 0,
+                        client_text: ip.to_string(),
+                        server_text: entry.spec.addr.host_string(),
                     });
                 }
                 Err(e) => {
@@ -555,6 +578,7 @@ impl UdpWorker {
             } else {
                 flow.last_active = now;
                 flow.counters.received.fetch_add(res as u64, Ordering::Relaxed);
+                flow.bytes_to_client += res as u64;
                 flow.down.push_back(Datagram {
                     buf: bid,
                     offset: 0,
@@ -714,6 +738,10 @@ impl UdpWorker {
         }
         let flow = self.flows[id as usize].take().expect("checked above");
         flow.counters.release();
+        let key = ClientKey::Ip(super::canonical_ip(flow.client_addr.ip()));
+        self.shared
+            .clients
+            .add_bytes(flow.slot, key, flow.bytes_to_client, flow.bytes_from_client);
         // A worker may be waiting for this slot.
         self.shared.wake_paused();
         self.free.push(id);

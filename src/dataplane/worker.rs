@@ -137,7 +137,8 @@ struct Conn {
     last_active: Instant,
     /// `-H` as it was when the client arrived.
     http: bool,
-    /// For `-l`: both addresses as text, set only when logging.
+    /// For `-l`: both addresses as text, kept whether or not a log is open
+    /// now (`log FILE` may open one while the connection lasts).
     client_text: String,
     server_text: String,
 }
@@ -554,11 +555,7 @@ impl Worker {
             target: None,
             connected: false,
         });
-        let client_text = match (self.shared.log.is_enabled(), client_ip) {
-            (false, _) => String::new(),
-            (true, Some(ip)) => ip.to_string(),
-            (true, None) => "unix".to_string(),
-        };
+        let client_text = client_ip.map_or_else(|| "unix".to_string(), |ip| ip.to_string());
         self.conns[id as usize] = Some(Box::new(Conn {
             client,
             client_key,
@@ -648,9 +645,7 @@ impl Worker {
                 shared.clients.track(conn.slot, conn.client_key, i);
                 shared.rr_current.store(i, Ordering::Relaxed);
             }
-            if shared.log.is_enabled() {
-                conn.server_text = entry.spec.addr.host_string();
-            }
+            conn.server_text = entry.spec.addr.host_string();
             shared
                 .registry
                 .set_backend(conn.number, Some(choice.target), socket.as_raw_fd());
