@@ -700,6 +700,19 @@ fn server_blacklist_holds_with_passive_blacklisting_off() {
 }
 
 #[test]
+fn status_and_write_say_so_when_their_file_cannot_be_written() {
+    let (_a, ctl, _lb) = backend_a_behind_control();
+    penctl(&ctl.addr(), "web_stats /nonexistent/dir/status.html");
+    // Pen's reply, rather than a page the file never got.
+    assert_eq!(penctl(&ctl.addr(), "status"), "Unable to create webstats\n");
+    let reply = penctl(&ctl.addr(), "write /nonexistent/dir/pen.cfg");
+    assert!(
+        reply.starts_with("cannot write /nonexistent/dir/pen.cfg: "),
+        "{reply:?}"
+    );
+}
+
+#[test]
 fn the_status_page_is_written_on_sigusr1_and_returned_by_status() {
     let a = Backend::named("A");
     let dir = TempDir::new();

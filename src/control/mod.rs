@@ -234,6 +234,7 @@ impl Control {
             resolved,
         };
         let before = self.state.clone();
+        let is_status = matches!(command, command::Command::Status);
         let mut outcome = command::execute(&mut self.state, command, &live);
         // What can fail is had first, and only then swapped in: an address
         // that cannot be bound or a log that cannot be opened (even one
@@ -262,7 +263,13 @@ impl Control {
         if outcome.changed {
             self.changed();
         }
-        self.apply_effects(outcome.effects);
+        if let Some((path, e)) = self.apply_effects(outcome.effects) {
+            return Some(match is_status {
+                // Pen's reply when the status page cannot be written.
+                true => "Unable to create webstats\n".to_owned(),
+                false => format!("cannot write {}: {e}\n", path.display()),
+            });
+        }
         Some(outcome.reply)
     }
 
@@ -289,7 +296,10 @@ impl Control {
         self.shared.wake_all();
     }
 
-    fn apply_effects(&mut self, effects: Vec<Effect>) {
+    /// Carries out what a command asked for; says which file, if any, could
+    /// not be written.
+    fn apply_effects(&mut self, effects: Vec<Effect>) -> Option<(std::path::PathBuf, std::io::Error)> {
+        let mut failed_write = None;
         for effect in effects {
             match effect {
                 // Taken out by the callers, which must be able to undo
@@ -309,12 +319,14 @@ impl Control {
                 Effect::WriteFile { path, contents } => {
                     if let Err(e) = files::write_text(&path, &contents) {
                         tracing::warn!("cannot write {}: {e}", path.display());
+                        failed_write.get_or_insert((path, e));
                     }
                 }
                 Effect::DebugLevel(level) => (self.set_debug)(level),
                 Effect::Exit => self.exiting = true,
             }
         }
+        failed_write
     }
 
     /// `listen`: a new listening socket, handed to the workers.
@@ -383,7 +395,7 @@ impl Control {
         if self.state != before {
             self.changed();
         }
-        self.apply_effects(effects);
+        let _ = self.apply_effects(effects); // logged; SIGHUP has no one to reply to
     }
 
     fn metrics_text(&self) -> String {
