@@ -445,16 +445,15 @@ fn metrics_are_served_over_http() {
     drop(metrics);
     let lb = Balancer::start(&["--metrics", &metrics_arg], &[a.spec()]);
     let (_, _held) = lb.hold(2);
-    let scrape = || {
+    let request = |head: &[u8]| {
         let mut stream = TcpStream::connect(("127.0.0.1", metrics_port)).expect("connect to --metrics");
         stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
+        stream.write_all(head).unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
         text
     };
+    let scrape = || request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     wait_until("one active connection in the metrics", || {
         scrape().contains("ringpen_backend_active_connections{server=\"0\"")
             && scrape().contains("ringpen_active_connections 1")
@@ -462,6 +461,9 @@ fn metrics_are_served_over_http() {
     let text = scrape();
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.contains("ringpen_backend_up{server=\"0\""), "{text}");
+    // Lines may end in a bare LF too, as some scripts send them.
+    let text = request(b"GET /metrics HTTP/1.0\n\n");
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text:?}");
 }
 
 #[test]
@@ -710,6 +712,34 @@ fn status_and_write_say_so_when_their_file_cannot_be_written() {
         reply.starts_with("cannot write /nonexistent/dir/pen.cfg: "),
         "{reply:?}"
     );
+}
+
+#[test]
+fn the_status_page_shows_pens_values_for_a_unix_server_and_a_client_without_a_server() {
+    let (_a, ctl, lb) = backend_a_behind_control();
+    let dir = TempDir::new();
+    penctl(
+        &ctl.addr(),
+        &format!("web_stats {}", dir.join("status.html").display()),
+    );
+    penctl(&ctl.addr(), "server 1 address /nonexistent.sock");
+    penctl(&ctl.addr(), "acl 1 deny 127.0.0.9");
+    penctl(&ctl.addr(), "client_acl 1");
+    assert_eq!(lb.ask(9), CLOSED, "denied by the client ACL");
+    let page = penctl(&ctl.addr(), "status");
+    // Pen's port for a Unix socket is 1 (as in `servers`).
+    assert!(
+        page.contains("<td>1</td>\n<td>/nonexistent.sock</td>\n<td>0</td>\n<td>1</td>\n"),
+        "{page}"
+    );
+    // A client that never got a server: Pen's NO_SERVER, -3 (after the
+    // address and the age).
+    let row = page
+        .split("<td>127.0.0.9</td>\n")
+        .nth(1)
+        .expect("the client's row");
+    let cells: Vec<&str> = row.lines().take(2).collect();
+    assert_eq!(cells[1], "<td>-3</td>", "{page}");
 }
 
 #[test]

@@ -20,6 +20,9 @@ pub struct BackendMetrics {
     pub server: String,
     /// The `address` label, "host:port" (or a Unix socket path).
     pub address: String,
+    /// Has an address to connect to (a slot `server N` added without one
+    /// has none).
+    pub connectable: bool,
     /// Blacklisted after a connect failure (or by `server N blacklist`).
     pub blacklisted: bool,
     pub health: Health,
@@ -35,7 +38,7 @@ pub struct BackendMetrics {
 impl BackendMetrics {
     /// Whether the backend takes new connections now.
     pub fn up(&self) -> bool {
-        !self.blacklisted && self.health.accepts_new()
+        self.connectable && !self.blacklisted && self.health.accepts_new()
     }
 }
 
@@ -326,6 +329,7 @@ mod tests {
                 BackendMetrics {
                     server: "0".into(),
                     address: "10.0.0.1:3306".into(),
+                    connectable: true,
                     blacklisted: false,
                     health: Health::Up,
                     active_connections: 3,
@@ -338,6 +342,7 @@ mod tests {
                 BackendMetrics {
                     server: "1".into(),
                     address: "db\"2\\\n:3306".into(),
+                    connectable: true,
                     blacklisted: true,
                     health: Health::Unchecked,
                     active_connections: 0,
@@ -410,8 +415,11 @@ ringpen_refused_connections_total{reason="limit"} 5
     }
 
     #[test]
-    fn up_needs_both_no_blacklist_and_health() {
+    fn up_needs_an_address_no_blacklist_and_health() {
         let mut b = BackendMetrics::default();
+        // `server 3 max 2` with two servers adds slots 2 and 3, no address.
+        assert!(!b.up());
+        b.connectable = true;
         assert!(b.up());
         for (health, up) in [
             (Health::Unchecked, true),

@@ -223,7 +223,10 @@ async fn scrape(mut stream: tokio::net::TcpStream, requests: mpsc::Sender<Contro
     let head = tokio::time::timeout(READ_DEADLINE, async {
         let mut head = Vec::with_capacity(512);
         let mut chunk = [0u8; 1024];
-        while head.len() < HTTP_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        // The head ends at a blank line, CRLF or (as `respond` accepts) bare LF.
+        let ended =
+            |head: &[u8]| head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n");
+        while head.len() < HTTP_HEAD_MAX && !ended(&head) {
             match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => head.extend_from_slice(&chunk[..n]),

@@ -53,7 +53,7 @@ pub fn stats(
                 index,
                 address: conf.spec.addr.host_string(),
                 status: conf.status,
-                port: conf.spec.addr.port(),
+                port: super::command::pen_port(&conf.spec.addr),
                 conns,
                 max: conf.spec.max,
                 hard: conf.spec.hard,
@@ -71,12 +71,14 @@ pub fn stats(
         .iter()
         .map(|entry| ClientRow {
             index: entry.slot,
+            // Pen shows no address for a Unix-socket client.
             address: match entry.key {
                 ClientKey::Ip(ip) => ip.to_string(),
-                ClientKey::Unix => "unix".to_string(),
+                ClientKey::Unix => String::new(),
             },
             age_secs: now_secs.saturating_sub(entry.last_secs) as i64,
-            last_server: entry.server.map_or(-1, |s| s as i64),
+            // Pen's NO_SERVER (-3) for a client that never got a server.
+            last_server: entry.server.map_or(-3, |s| s as i64),
             connects: entry.connects,
             sent: entry.sent,
             received: entry.received,
@@ -141,6 +143,7 @@ pub fn metrics(
     let backend = |index: usize, conf: &ServerConf, c: &ServerCounters| BackendMetrics {
         server: index.to_string(),
         address: conf.spec.addr.to_string(),
+        connectable: conf.spec.addr.is_connectable(),
         blacklisted: conf.is_blacklisted(now, state.blacklist_secs),
         health: conf.health,
         active_connections: u64::from(c.active.load(Ordering::Relaxed)),
