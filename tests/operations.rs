@@ -420,3 +420,15 @@ fn dash_j_keeps_the_log_and_pid_file_inside_the_jail_and_sighup_reopens_the_log_
     assert!(status.success(), "exit status after SIGTERM: {status}");
     assert!(!pid_file.exists(), "pid file left behind in the jail");
 }
+
+#[test]
+fn dash_dd_logs_each_connection() {
+    if skip_on_pen("Pen's debug lines differ") {
+        return;
+    }
+    let echo = Backend::echo();
+    let balancer = Balancer::start(&["-d", "-d"], &[echo.spec()]);
+    send_through(&balancer, 4, b"hello");
+    balancer.wait_for_stderr("connection 0: 127.0.0.4 connected to Server(0) (127.0.0.1)");
+    balancer.wait_for_stderr("connection 0: closed, 5 bytes from the client, 5 to it");
+}

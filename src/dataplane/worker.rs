@@ -692,6 +692,12 @@ impl Worker {
         if res == 0 && !conn.closing {
             counters.total.fetch_add(1, Ordering::Relaxed);
             shared.registry.set_connected(conn.number);
+            tracing::debug!(
+                "connection {}: {} connected to {target:?} ({})",
+                conn.number,
+                conn.client_text,
+                conn.server_text
+            );
             let fast_close = shared.table.load().tcp_fastclose;
             let mut proxy = Proxy::new(
                 matches!(fast_close, FastClose::Down | FastClose::Both),
@@ -711,6 +717,12 @@ impl Worker {
                 -res
             };
             counters.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                "connection {}: connect to {target:?} ({}) failed: {}; trying the next",
+                conn.number,
+                conn.server_text,
+                std::io::Error::from_raw_os_error(errno)
+            );
             let _ = shared.control.send(ControlEvent::ConnectFailed { target, errno });
             if let Target::Server(i) = target {
                 conn.failed.push(i);
@@ -893,6 +905,15 @@ impl Worker {
         let shared = &self.shared;
         if let Some(counters) = &conn.counters {
             counters.release();
+        }
+        match &conn.phase {
+            Phase::Proxying(proxy) => tracing::debug!(
+                "connection {}: closed, {} bytes from the client, {} to it",
+                conn.number,
+                proxy.bytes_from(Side::Client),
+                proxy.bytes_from(Side::Backend)
+            ),
+            _ => tracing::debug!("connection {}: closed without a server", conn.number),
         }
         if let Phase::Proxying(proxy) = &conn.phase {
             shared.clients.add_bytes(
