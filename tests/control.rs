@@ -164,6 +164,26 @@ fn a_silent_control_client_does_not_slow_traffic() {
     drop((silent, trickle));
 }
 
+#[test]
+fn a_command_that_is_not_utf8_is_refused_not_mangled() {
+    let (_a, ctl, lb) = backend_a_behind_control();
+    let dir = TempDir::new();
+    let mut stream = TcpStream::connect(ctl.addr()).expect("connect to the control port");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut command = format!("write {}/caf", dir.path().display()).into_bytes();
+    command.extend_from_slice(b"\xe9.cfg\n");
+    stream.write_all(&command).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "the command is not valid UTF-8\n");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing was written"
+    );
+    assert_eq!(lb.ask(2), "A");
+}
+
 /// Connections waiting in the accept queue of the listener on
 /// 127.0.0.1:`port` (`rx_queue` of a listening socket in /proc/net/tcp).
 fn accept_queue(port: u16) -> Option<usize> {

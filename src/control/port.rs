@@ -142,6 +142,13 @@ where
     let Ok(Some(line)) = tokio::time::timeout(READ_DEADLINE, read_command(&mut stream)).await else {
         return; // silent, too slow or gone: drop it, nothing else waits
     };
+    let Some(line) = line else {
+        // A path in other bytes would silently become another path.
+        let reply = "the command is not valid UTF-8\n";
+        let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(reply.as_bytes())).await;
+        let _ = tokio::time::timeout(WRITE_DEADLINE, stream.shutdown()).await;
+        return;
+    };
     let resolved = resolve_ahead(&line).await;
     let (reply, answer) = oneshot::channel();
     if requests
@@ -184,8 +191,9 @@ async fn resolve_ahead(line: &str) -> HashMap<String, Option<IpAddr>> {
 
 /// Reads until a newline, EOF or `COMMAND_MAX` bytes: penctl sends the
 /// whole line in one write, but a line split over several segments still
-/// arrives whole here (Pen would truncate it).
-async fn read_command<S: AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
+/// arrives whole here (Pen would truncate it). `Some(None)`: the command
+/// line is not UTF-8.
+async fn read_command<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Option<String>> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 1024];
     while buf.len() < COMMAND_MAX && !buf.contains(&b'\n') {
@@ -196,7 +204,17 @@ async fn read_command<S: AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
         buf.extend_from_slice(&chunk[..n]);
     }
     buf.truncate(COMMAND_MAX);
-    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
+    if buf.is_empty() {
+        return None;
+    }
+    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    // What follows the line is never read, and the cut at COMMAND_MAX may
+    // split a character: only the line itself must be UTF-8.
+    Some(
+        std::str::from_utf8(&buf[..line_end])
+            .is_ok()
+            .then(|| String::from_utf8_lossy(&buf).into_owned()),
+    )
 }
 
 /// How much of an HTTP request head the metrics endpoint reads.
