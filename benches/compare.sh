@@ -64,6 +64,11 @@
 # NGINX_STREAM_MODULE [/usr/lib/nginx/modules/ngx_stream_module.so]
 set -euo pipefail
 
+if (($#)); then
+    echo "compare.sh takes no arguments; settings are environment variables (see the top of the script)" >&2
+    exit 2
+fi
+
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ROUNDS=${ROUNDS:-5}
@@ -83,7 +88,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}
 INSTALL=${INSTALL:-1}
 read -r -a PATHS <<<"${PATHS:-ringpen pen haproxy nginx direct}"
 read -r -a PHASES <<<"${PHASES:-ka close bulk1 bulk4 rss}"
-RINGPEN=${RINGPEN:-target/release/ringpen}
+RINGPEN=${RINGPEN:-${CARGO_TARGET_DIR:-target}/release/ringpen}
 PEN=${PEN:-/usr/bin/pen}
 HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
 NGINX=${NGINX:-/usr/sbin/nginx}
@@ -505,7 +510,7 @@ OUT=benches/results/tcp-$(date +%Y-%m-%dT%H%M%S).json
 cfg_haproxy=$(haproxy_conf "$B1PORT" "$B2PORT")
 cfg_nginx=$(nginx_stream_conf "\$TMP/nginx" "$B1PORT" "$B2PORT")
 cfg_http=$(http_backend_conf "\$TMP/http1" "$B1PORT")
-python3 - "$RESULTS" "$OUT" "$ROOT/$RINGPEN" "$cfg_haproxy" "$cfg_nginx" "$cfg_http" <<EOF
+python3 - "$RESULTS" "$OUT" "$(realpath "$RINGPEN")" "$cfg_haproxy" "$cfg_nginx" "$cfg_http" <<EOF
 import json, os, sys, time
 sys.path.insert(0, "benches")
 from lib import median, ratio, machine, pkg_version, run

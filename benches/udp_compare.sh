@@ -39,6 +39,11 @@
 # RETRIES [2] QUIET_WAIT [60] KEEP_TMP [unset: delete logs] RINGPEN [target/release/ringpen] PEN [/usr/bin/pen]
 set -euo pipefail
 
+if (($#)); then
+    echo "udp_compare.sh takes no arguments; settings are environment variables (see the top of the script)" >&2
+    exit 2
+fi
+
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ROUNDS=${ROUNDS:-5}
@@ -52,7 +57,7 @@ LPORT=${LPORT:-39100}
 BPORT=${BPORT:-39101}
 RETRIES=${RETRIES:-2}
 QUIET_WAIT=${QUIET_WAIT:-60}
-RINGPEN=${RINGPEN:-target/release/ringpen}
+RINGPEN=${RINGPEN:-${CARGO_TARGET_DIR:-target}/release/ringpen}
 PEN=${PEN:-/usr/bin/pen}
 BENCH=udp_compare
 # shellcheck source=benches/lib.sh
@@ -114,15 +119,16 @@ RESULTS=$TMP/rounds.jsonl
 # One measurement; appends a JSON record; returns 3 if it was disturbed.
 run_one() { # kind round attempt
     local kind=$1 round=$2 attempt=$3 target pid='' status=alive exit_code=null cmd=''
+    local -a argv=()
     local before after load log=$TMP/$1-$2-$3.log
     before=$(snapshot)
     case $kind in
-        ringpen) cmd="$RINGPEN -f -U --workers 1 -x 10000 127.0.0.1:$LPORT 127.0.0.1:$BPORT" ;;
-        pen) cmd="$PEN -f -U -x 10000 127.0.0.1:$LPORT 127.0.0.1:$BPORT" ;;
+        ringpen) argv=("$RINGPEN" -f -U --workers 1 -x 10000 "127.0.0.1:$LPORT" "127.0.0.1:$BPORT") ;;
+        pen) argv=("$PEN" -f -U -x 10000 "127.0.0.1:$LPORT" "127.0.0.1:$BPORT") ;;
     esac
-    if [ -n "$cmd" ]; then
-        # shellcheck disable=SC2086
-        taskset -c "$BAL_CPU" $cmd >"$log" 2>&1 &
+    cmd="${argv[*]}" # for the results file
+    if ((${#argv[@]})); then
+        taskset -c "$BAL_CPU" "${argv[@]}" >"$log" 2>&1 &
         pid=$!
         started "$pid"
         wait_listen udp "$LPORT" "$pid" || status=did_not_start
@@ -211,7 +217,7 @@ done
 
 mkdir -p benches/results
 OUT=benches/results/udp-$(date +%Y-%m-%dT%H%M%S).json
-python3 - "$RESULTS" "$OUT" "$ROOT/$RINGPEN" <<EOF
+python3 - "$RESULTS" "$OUT" "$(realpath "$RINGPEN")" <<EOF
 import json, os, platform, statistics, subprocess, sys, time
 attempts = [json.loads(l) for l in open(sys.argv[1])]
 out, ringpen_bin = sys.argv[2], sys.argv[3]

@@ -31,7 +31,7 @@ esac
 cd "$(dirname "$0")/.."
 
 port=${RINGPEN_PORT:-8080}
-if ! [[ $port =~ ^[0-9]+$ ]] || ((port < 1 || port > 65534)); then
+if ! [[ $port =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65534)); then
     echo "quickstart.sh: RINGPEN_PORT must be a port number below 65535, got '$port'" >&2
     exit 2
 fi
@@ -45,7 +45,7 @@ for tool in cargo python3; do
 done
 
 # Build unless the release binary is already newer than every source file.
-bin=target/release/ringpen
+bin=${CARGO_TARGET_DIR:-target}/release/ringpen
 if [[ ! -x $bin ]] || [[ -n $(find src Cargo.toml Cargo.lock -newer "$bin" -print -quit 2>/dev/null) ]]; then
     echo "==> cargo build --release"
     cargo build --release

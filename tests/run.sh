@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ringpen's tests on a fresh Debian machine: installs what they need when
-# it is missing (Debian's pen and penctl, python3, mariadb-server and galera-4),
+# it is missing (Debian's pen and penctl, mariadb-server and galera-4),
 # then runs `cargo test` with any arguments given. As root, or through sudo.
 #
 #   tests/run.sh                  every test
@@ -13,6 +13,11 @@ step() {
     echo
     echo "==> $*"
 }
+
+if ! command -v cargo >/dev/null; then
+    echo "tests/run.sh: cargo is not installed; a Rust toolchain (1.85 or later) is needed" >&2
+    exit 1
+fi
 
 if ((EUID != 0)) && command -v sudo >/dev/null; then
     as_root() { sudo "$@"; }
@@ -38,10 +43,6 @@ else
     apt_install pen
 fi
 
-if ! command -v python3 >/dev/null; then
-    apt_install python3
-fi
-
 # --- MariaDB and Galera, for tests/health.rs ---------------------------------
 # The health-check tests start their own mariadbd (private datadir, port and
 # socket; a one-node Galera cluster too) and never use the system service, so
@@ -54,25 +55,18 @@ mariadb_missing=()
 deb_installed mariadb-server || mariadb_missing+=(mariadb-server)
 deb_installed galera-4 || mariadb_missing+=(galera-4)
 if ((${#mariadb_missing[@]})); then
-    own_policy_rc=false
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        # Removed however this script ends: left behind, it would keep every
+        # service installed later from starting.
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
         printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
         as_root chmod 755 /usr/sbin/policy-rc.d
-        own_policy_rc=true
     fi
     apt_install "${mariadb_missing[@]}"
-    if $own_policy_rc; then
-        as_root rm -f /usr/sbin/policy-rc.d
-    fi
 else
     step "mariadb-server and galera-4 are installed: $(/usr/sbin/mariadbd --version)"
 fi
 # ------------------------------------------------------------------------------
-
-if ! command -v cargo >/dev/null; then
-    echo "tests/run.sh: cargo is not installed; a Rust toolchain (1.85 or later) is needed" >&2
-    exit 1
-fi
 
 step "cargo test $*"
 cargo test "$@"

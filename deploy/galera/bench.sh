@@ -2,7 +2,7 @@
 # Throughput of ringpen, Pen and HAProxy in front of the local 3-node Galera
 # cluster (deploy/galera/cluster.sh), against sysbench straight to node 1.
 #
-#   deploy/galera/bench.sh              # default run (~15 min)
+#   deploy/galera/bench.sh              # default run (~25 min)
 #   QUICK=1 deploy/galera/bench.sh      # ROUNDS=1 TIME=5 WARMUP=1: a check that all works
 #   deploy/galera/bench.sh failover     # the failover run instead (failover.sh)
 #
@@ -45,6 +45,7 @@
 set -euo pipefail
 if [ "${1:-}" = failover ]; then shift; exec "$(dirname "$0")/failover.sh" "$@"; fi
 [ $# -eq 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+# shellcheck source=deploy/galera/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 if [ -n "${QUICK:-}" ]; then

@@ -31,6 +31,7 @@
 # Missing packages (mariadb-server galera-4 sysbench rsync pen haproxy) are
 # installed with apt-get first.
 set -euo pipefail
+# shellcheck source=deploy/galera/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
@@ -42,7 +43,9 @@ node_arg=
 sql_arg=
 case "$cmd" in
     kill) node_arg=${1:-}; shift || true ;;
-    sql) node_arg=${1:-}; sql_arg=${2:-}; shift 2 || true ;;
+    sql)
+        [ $# -ge 2 ] || die "usage: cluster.sh sql NODE 'STATEMENT' [DIR]"
+        node_arg=$1; sql_arg=$2; shift 2 ;;
 esac
 if [ -n "${1:-}" ]; then BASE=$1; fi
 case "$BASE" in /*) ;; *) BASE=$PWD/$BASE ;; esac
@@ -326,7 +329,10 @@ case "$cmd" in
     sql) node_sql "$node_arg" "$sql_arg" ;;
     reset)
         cmd_stop
-        case "$BASE" in /|/tmp|"") die "refusing to delete $BASE" ;; esac
+        # Only a directory this script made: a typo must not delete a home
+        # directory or a real datadir.
+        head -1 "$BASE/node1/my.cnf" 2>/dev/null | grep -q '^# Written by deploy/galera/cluster.sh' ||
+            die "refusing to delete $BASE: it does not hold a cluster made by cluster.sh"
         rm -rf -- "$BASE"
         log "deleted $BASE"
         ;;

@@ -51,6 +51,7 @@
 # bench.sh)
 set -euo pipefail
 [ $# -eq 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+# shellcheck source=deploy/galera/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 if [ -n "${QUICK:-}" ]; then

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by cluster.sh, bench.sh and failover.sh (sourced, never run).
 #
 # Layout of the local 3-node cluster (all on 127.0.0.1):
@@ -184,7 +185,7 @@ reserve_ports() {
 # 127.0.0.1:$(path_port PATH) and balances the three nodes in order (the
 # -node1 paths: node 1 only).
 
-RINGPEN=${RINGPEN:-$REPO_ROOT/target/release/ringpen}
+RINGPEN=${RINGPEN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/ringpen}
 PEN=${PEN:-$(command -v pen || echo /usr/bin/pen)}
 HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 BAL_CPU=${BAL_CPU:-0}
