@@ -98,6 +98,60 @@ fn fast_close_with_both_sides_ending_at_once_frees_every_connection() {
     });
 }
 
+/// `tcp_fastclose` closes both sides at an EOF, but only after what came
+/// before the EOF was passed on, as in Pen: a backend that answers and
+/// closes at once, and a client that sends and half-closes at once.
+#[test]
+fn fast_close_still_delivers_what_came_before_the_eof() {
+    const ANSWER: usize = 2000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let answers_and_closes = Backend::start(
+        "answer",
+        listener,
+        Arc::new(|mut stream: std::net::TcpStream| {
+            let _ = stream.write_all(&[b'a'; ANSWER]);
+        }),
+    );
+    let lb = Balancer::start(&["-o", "tcp_fastclose up"], &[answers_and_closes.spec()]);
+    for round in 0..100 {
+        let mut client = std::net::TcpStream::connect(lb.addr).expect("connect to the balancer");
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        let mut answer = Vec::new();
+        let _ = client.read_to_end(&mut answer);
+        assert_eq!(
+            answer.len(),
+            ANSWER,
+            "round {round}: the answer before the backend's EOF"
+        );
+    }
+    drop(lb);
+
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = received.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let counts = Backend::start(
+        "count",
+        listener,
+        Arc::new(move |mut stream: std::net::TcpStream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            counted.fetch_add(request.len(), std::sync::atomic::Ordering::SeqCst);
+        }),
+    );
+    let lb = Balancer::start(&["-o", "tcp_fastclose down"], &[counts.spec()]);
+    for _ in 0..100 {
+        let mut client = std::net::TcpStream::connect(lb.addr).expect("connect to the balancer");
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client.write_all(b"request").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+    }
+    wait_until("every request at the backend", || {
+        received.load(std::sync::atomic::Ordering::SeqCst) == 100 * b"request".len()
+    });
+}
+
 #[test]
 fn two_hundred_concurrent_clients_each_get_their_own_echo() {
     const CLIENTS: usize = 200;

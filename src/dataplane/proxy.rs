@@ -204,12 +204,9 @@ impl Proxy {
                     }
                 }
             }
-            0 => {
-                dir.recv = Recv::Eof;
-                if self.fast_close[source as usize] {
-                    return self.abort(out);
-                }
-            }
+            // With `tcp_fastclose` this side's EOF closes both sides, but
+            // only once what came before it has been passed on (`pump`).
+            0 => dir.recv = Recv::Eof,
             e if e == -libc::ENOBUFS => dir.ring_dry = true,
             e if e == -libc::ECANCELED => {}
             _ => return self.abort(out),
@@ -283,8 +280,10 @@ impl Proxy {
     }
 
     /// Moves one direction forward: send the next chunk, receive again
-    /// while there is room, pass EOF on once everything before it went out.
+    /// while there is room, pass EOF on once everything before it went out
+    /// (under `tcp_fastclose`, close both sides then).
     fn pump(&mut self, source: Side, out: &mut Vec<Op>) {
+        let fast_close = self.fast_close[source as usize];
         let dir = &mut self.dirs[source as usize];
         if !dir.sending {
             if let Some(chunk) = dir.queue.front() {
@@ -315,6 +314,9 @@ impl Proxy {
                 out.push(Op::Recv { from: source, mode });
             }
             Recv::Eof if dir.queue.is_empty() && !dir.shutdown_in_flight && !dir.finished => {
+                if fast_close {
+                    return self.abort(out);
+                }
                 dir.shutdown_in_flight = true;
                 out.push(Op::Shutdown(source.peer()));
             }
@@ -538,6 +540,24 @@ mod tests {
         out.clear();
         p.on_recv(Backend, 0, None, false, &mut out);
         assert_eq!(out[0], Op::Abort);
+    }
+
+    #[test]
+    fn fast_close_passes_on_what_came_before_the_eof_first() {
+        let mut p = Proxy::new(false, true);
+        let mut out = Vec::new();
+        p.start(&mut out);
+        out.clear();
+        // The backend's last response and its EOF arrive together.
+        p.on_recv(Backend, 2000, Some(4), true, &mut out);
+        p.on_recv(Backend, 0, None, false, &mut out);
+        assert_eq!(out, vec![send(Client, 4, 0, 2000)], "no abort before it is sent");
+        out.clear();
+        p.on_send(Client, 1500, &mut out);
+        assert_eq!(out, vec![send(Client, 4, 1500, 500)]);
+        out.clear();
+        p.on_send(Client, 500, &mut out);
+        assert_eq!(out[..2], [Op::Release(4), Op::Abort]);
     }
 
     #[test]
