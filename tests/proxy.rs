@@ -318,3 +318,43 @@ fn dash_h_leaves_non_http_data_untouched() {
     let got = through_dash_h(10, data);
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(data));
 }
+
+/// Out of descriptors, an accepted client whose backend socket cannot be
+/// made waits for descriptors to come back instead of being dropped.
+#[test]
+fn out_of_descriptors_clients_wait_for_a_socket_instead_of_being_dropped() {
+    use std::process::{Command, Stdio};
+    let echo = Backend::echo();
+    let port = Port::reserve();
+    let listen: SocketAddr = format!("127.0.0.1:{}", port.port).parse().unwrap();
+    let dir = TempDir::new();
+    let mut balancer = Command::new("prlimit")
+        .args(["--nofile=64:64", "--"])
+        .arg(bin())
+        .args(["-f", "--workers", "1", &listen.to_string(), &echo.spec()])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .expect("run ringpen under prlimit");
+    wait_until("the balancer to listen", || {
+        listens_alone(balancer.id(), port.port) || balancer.try_wait().ok().flatten().is_some()
+    });
+    // More clients at once than the descriptors allow: the first take them
+    // all, the rest wait (in the listen queue or accepted) until the first
+    // close.
+    let mut clients: Vec<std::net::TcpStream> = (0..60).map(|_| connect_from(client_ip(2), listen)).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.write_all(b"ping").unwrap();
+        let mut echoed = [0u8; 4];
+        let got = client.read_exact(&mut echoed);
+        let _ = client.shutdown(Shutdown::Both);
+        assert!(
+            got.is_ok(),
+            "client {i} (the ones before it were served): {got:?}; stderr:\n{}",
+            read_lossy(&dir.join("stderr"))
+        );
+    }
+    stop_child(&mut balancer);
+}

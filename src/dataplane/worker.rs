@@ -119,6 +119,9 @@ struct Conn {
     counters: Option<Arc<ServerCounters>>,
     /// Servers whose connect failed for this client (rarely more than one).
     failed: Vec<usize>,
+    /// The choice whose socket could not be made for want of descriptors:
+    /// tried again when some come back, before anything else.
+    retry_choice: Option<Choice>,
     backend: Option<Socket>,
     /// Kept here so the pointer handed to the kernel stays valid.
     backend_addr: Option<SockAddr>,
@@ -183,6 +186,10 @@ struct Worker {
     accept_retry: Box<types::Timespec>,
     /// Said so in the log; quiet until an accept succeeds again.
     warned_of_fds: bool,
+    /// Connections whose backend socket could not be made for want of
+    /// descriptors, in order: retried when a connection closes or
+    /// `accept_retry` fires.
+    waiting_for_fds: VecDeque<u32>,
     waker_buf: Box<u64>,
     timeout: Box<types::Timespec>,
     tick: Box<types::Timespec>,
@@ -214,6 +221,7 @@ pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
         starved_of_fds: false,
         accept_retry: Box::new(types::Timespec::from(ACCEPT_RETRY)),
         warned_of_fds: false,
+        waiting_for_fds: VecDeque::new(),
         waker_buf: Box::new(0),
         timeout: Box::new(types::Timespec::new()),
         tick: Box::new(types::Timespec::new().sec(1)),
@@ -327,6 +335,7 @@ impl Worker {
             Tag::Tick => self.on_tick(),
             Tag::AcceptRetry => {
                 self.starved_of_fds = false;
+                self.retry_waiting_for_fds();
                 self.arm_accept();
             }
             Tag::Cancel if conn == u32::MAX => {}
@@ -353,6 +362,8 @@ impl Worker {
         }
         self.paused = false;
         self.starved_of_fds = false;
+        // Woken because a connection closed somewhere: descriptors are back.
+        self.retry_waiting_for_fds();
         for request in self.shared.take_requests(self.id) {
             match request {
                 WorkerRequest::Close { local, serial } => {
@@ -430,28 +441,8 @@ impl Worker {
             self.parked.push_back(unsafe { OwnedFd::from_raw_fd(res) });
             self.warned_of_fds = false;
             self.shared.global.accepted.fetch_add(1, Ordering::Relaxed);
-        } else if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
-            // Re-arming now would fail again at once, in a tight loop: wait
-            // until a connection closes and gives a descriptor back.
-            if !self.warned_of_fds {
-                tracing::warn!(
-                    "worker {}: not accepting until a connection closes or {} ms pass: {}",
-                    self.id,
-                    ACCEPT_RETRY.as_millis(),
-                    std::io::Error::from_raw_os_error(-res)
-                );
-                self.warned_of_fds = true;
-            }
-            if !self.starved_of_fds {
-                self.starved_of_fds = true;
-                self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
-                let sqe = opcode::Timeout::new(&*self.accept_retry)
-                    .build()
-                    .user_data(user_data(0, Tag::AcceptRetry));
-                // SAFETY: the timespec is boxed in the worker, which outlives
-                // the ring; the kernel reads it at submission.
-                unsafe { self.push(&sqe) };
-            }
+        } else if is_out_of_fds(-res) {
+            self.starve_of_fds(-res);
         } else if res != -libc::ECANCELED {
             tracing::warn!(
                 "worker {}: accept failed: {}",
@@ -460,6 +451,40 @@ impl Worker {
             );
         }
         self.arm_accept();
+    }
+
+    /// Out of descriptors: re-arming the accept now would fail again at
+    /// once, in a tight loop, and each accepted client would need one more
+    /// for its backend. Wait until a connection closes and gives some back,
+    /// or `accept_retry` passes.
+    fn starve_of_fds(&mut self, errno: i32) {
+        if !self.warned_of_fds {
+            tracing::warn!(
+                "worker {}: not accepting until a connection closes or {} ms pass: {}",
+                self.id,
+                ACCEPT_RETRY.as_millis(),
+                std::io::Error::from_raw_os_error(errno)
+            );
+            self.warned_of_fds = true;
+        }
+        if !self.starved_of_fds {
+            self.starved_of_fds = true;
+            self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
+            self.cancel_accept();
+            let sqe = opcode::Timeout::new(&*self.accept_retry)
+                .build()
+                .user_data(user_data(0, Tag::AcceptRetry));
+            // SAFETY: the timespec is boxed in the worker, which outlives
+            // the ring; the kernel reads it at submission.
+            unsafe { self.push(&sqe) };
+        }
+    }
+
+    /// Tries the connects that waited for descriptors again, in order.
+    fn retry_waiting_for_fds(&mut self) {
+        for id in std::mem::take(&mut self.waiting_for_fds) {
+            self.connect_next(id);
+        }
     }
 
     /// Sets up parked clients while there is capacity, at most `-m` a turn.
@@ -569,6 +594,7 @@ impl Worker {
             target: None,
             counters: None,
             failed: Vec::new(),
+            retry_choice: None,
             backend: None,
             backend_addr: None,
             phase: Phase::Connecting,
@@ -618,7 +644,8 @@ impl Worker {
             return;
         };
         let connect = loop {
-            let Some(choice) = Self::next_choice(conn, &table, now) else {
+            let retry = conn.retry_choice.take().filter(|_| !conn.closing);
+            let Some(choice) = retry.or_else(|| Self::next_choice(conn, &table, now)) else {
                 break None;
             };
             let Some(entry) = table.entry(choice.target) else {
@@ -629,6 +656,14 @@ impl Worker {
             }
             let socket = match new_backend_socket(&entry.sockaddr, &table) {
                 Ok(s) => s,
+                Err(e) if e.raw_os_error().is_some_and(is_out_of_fds) => {
+                    // Not the server's fault: keep the client and its choice
+                    // until descriptors come back.
+                    entry.counters.release();
+                    conn.retry_choice = Some(choice);
+                    self.waiting_for_fds.push_back(id);
+                    return self.starve_of_fds(e.raw_os_error().unwrap_or(libc::EMFILE));
+                }
                 Err(e) => {
                     tracing::warn!(
                         "worker {}: cannot create a socket for {}: {e}",
@@ -928,7 +963,15 @@ impl Worker {
         self.free.push(id);
         shared.global.active.fetch_sub(1, Ordering::AcqRel);
         shared.wake_paused();
+        // Its descriptors are back.
+        self.retry_waiting_for_fds();
     }
+}
+
+/// The errors of a process (or system) out of descriptors or memory for
+/// one more socket.
+fn is_out_of_fds(errno: i32) -> bool {
+    matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
 }
 
 /// A socket for a backend connect, with the table's options: TCP_NODELAY,
