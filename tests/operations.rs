@@ -361,18 +361,20 @@ fn dash_u_without_root_runs_as_that_user_and_refuses_another() {
         );
     }
 
-    let mut child = as_nobody("nobody")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("stderr")).unwrap())
-        .spawn()
-        .expect("start ringpen as nobody");
+    let mut child = ChildGuard(
+        as_nobody("nobody")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("stderr")).unwrap())
+            .spawn()
+            .expect("start ringpen as nobody"),
+    );
     wait_until("ringpen running as nobody to listen", || {
-        listens_alone(child.id(), port.port) || child.try_wait().ok().flatten().is_some()
+        listens_alone(child.0.id(), port.port) || child.0.try_wait().ok().flatten().is_some()
     });
     let mut client = connect_from(client_ip(2), listen.parse().unwrap());
     let reply = read_line(&mut client);
-    stop_child(&mut child);
+    drop(child);
     assert_eq!(
         reply.ok().as_deref(),
         Some("S0"),

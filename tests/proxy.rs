@@ -328,7 +328,7 @@ fn out_of_descriptors_clients_wait_for_a_socket_instead_of_being_dropped() {
     let port = Port::reserve();
     let listen: SocketAddr = format!("127.0.0.1:{}", port.port).parse().unwrap();
     let dir = TempDir::new();
-    let mut balancer = Command::new("prlimit")
+    let balancer = Command::new("prlimit")
         .args(["--nofile=64:64", "--"])
         .arg(bin())
         .args(["-f", "--workers", "1", &listen.to_string(), &echo.spec()])
@@ -338,8 +338,9 @@ fn out_of_descriptors_clients_wait_for_a_socket_instead_of_being_dropped() {
         .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
         .spawn()
         .expect("run ringpen under prlimit");
+    let mut balancer = ChildGuard(balancer);
     wait_until("the balancer to listen", || {
-        listens_alone(balancer.id(), port.port) || balancer.try_wait().ok().flatten().is_some()
+        listens_alone(balancer.0.id(), port.port) || balancer.0.try_wait().ok().flatten().is_some()
     });
     // More clients at once than the descriptors allow: the first take them
     // all, the rest wait (in the listen queue or accepted) until the first
@@ -356,5 +357,4 @@ fn out_of_descriptors_clients_wait_for_a_socket_instead_of_being_dropped() {
             read_lossy(&dir.join("stderr"))
         );
     }
-    stop_child(&mut balancer);
 }

@@ -734,6 +734,16 @@ fn pid_from_opts(opts: &[String], dir: &TempDir) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// A child process stopped by [`stop_child`] when this goes out of scope,
+/// also when a test panics.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        stop_child(&mut self.0);
+    }
+}
+
 /// SIGTERM, then SIGKILL after 5 s.
 pub fn stop_child(child: &mut Child) {
     if child.try_wait().ok().flatten().is_some() {
