@@ -942,21 +942,15 @@ impl Worker {
             counters.release();
         }
         match &conn.phase {
-            Phase::Proxying(proxy) => tracing::debug!(
-                "connection {}: closed, {} bytes from the client, {} to it",
-                conn.number,
-                proxy.bytes_from(Side::Client),
-                proxy.bytes_from(Side::Backend)
-            ),
+            Phase::Proxying(proxy) => {
+                let (from_client, to_client) = (proxy.bytes_from(Side::Client), proxy.bytes_from(Side::Backend));
+                tracing::debug!(
+                    "connection {}: closed, {from_client} bytes from the client, {to_client} to it",
+                    conn.number
+                );
+                shared.clients.add_bytes(conn.slot, conn.client_key, to_client, from_client);
+            }
             _ => tracing::debug!("connection {}: closed without a server", conn.number),
-        }
-        if let Phase::Proxying(proxy) = &conn.phase {
-            shared.clients.add_bytes(
-                conn.slot,
-                conn.client_key,
-                proxy.bytes_from(Side::Backend),
-                proxy.bytes_from(Side::Client),
-            );
         }
         shared.registry.close(conn.number);
         drop(conn);
