@@ -140,13 +140,29 @@ struct Conn {
     last_active: Instant,
     /// `-H` as it was when the client arrived.
     http: bool,
-    /// For `-l`: both addresses as text, kept whether or not a log is open
-    /// now (`log FILE` may open one while the connection lasts).
-    client_text: String,
-    server_text: String,
 }
 
 impl Conn {
+    /// The client's address as `-l` shows it (`unix` for a Unix socket).
+    /// Made when a line is written, not kept: connections outnumber lines.
+    fn client_text(&self) -> String {
+        self.client_ip
+            .map_or_else(|| "unix".to_string(), |ip| ip.to_string())
+    }
+
+    /// The backend's address without the port (a Unix socket's path), as
+    /// `-l` shows it.
+    fn server_text(&self) -> String {
+        let Some(addr) = &self.backend_addr else {
+            return String::new();
+        };
+        match (addr.as_socket(), addr.as_pathname()) {
+            (Some(inet), _) => inet.ip().to_string(),
+            (None, Some(path)) => path.display().to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
     fn fd(&self, side: Side) -> RawFd {
         match side {
             Side::Client => self.client.as_raw_fd(),
@@ -580,7 +596,6 @@ impl Worker {
             target: None,
             connected: false,
         });
-        let client_text = client_ip.map_or_else(|| "unix".to_string(), |ip| ip.to_string());
         self.conns[id as usize] = Some(Box::new(Conn {
             client,
             client_key,
@@ -604,8 +619,6 @@ impl Worker {
             number,
             last_active: self.now,
             http: table.http,
-            client_text,
-            server_text: String::new(),
         }));
         if abuse && table.abuse.is_none() {
             self.shared.global.refused_acl.fetch_add(1, Ordering::Relaxed);
@@ -680,7 +693,6 @@ impl Worker {
                 shared.clients.track(conn.slot, conn.client_key, i);
                 shared.rr_current.store(i, Ordering::Relaxed);
             }
-            conn.server_text = entry.spec.addr.host_string();
             shared
                 .registry
                 .set_backend(conn.number, Some(choice.target), socket.as_raw_fd());
@@ -730,8 +742,8 @@ impl Worker {
             tracing::debug!(
                 "connection {}: {} connected to {target:?} ({})",
                 conn.number,
-                conn.client_text,
-                conn.server_text
+                conn.client_text(),
+                conn.server_text()
             );
             let fast_close = shared.table.load().tcp_fastclose;
             let mut proxy = Proxy::new(
@@ -755,7 +767,7 @@ impl Worker {
             tracing::debug!(
                 "connection {}: connect to {target:?} ({}) failed: {}; trying the next",
                 conn.number,
-                conn.server_text,
+                conn.server_text(),
                 std::io::Error::from_raw_os_error(errno)
             );
             let _ = shared.control.send(ControlEvent::ConnectFailed { target, errno });
@@ -795,7 +807,8 @@ impl Worker {
                     }
                     if log.is_enabled() {
                         let chunk = self.bufs.bytes(bid, res as u32);
-                        log.log(&mut self.log_line, &conn.client_text, &conn.server_text, chunk);
+                        let (client, server) = (conn.client_text(), conn.server_text());
+                        log.log(&mut self.log_line, &client, &server, chunk);
                     }
                     counters.sent.fetch_add(res as u64, Ordering::Relaxed);
                 }
@@ -943,12 +956,15 @@ impl Worker {
         }
         match &conn.phase {
             Phase::Proxying(proxy) => {
-                let (from_client, to_client) = (proxy.bytes_from(Side::Client), proxy.bytes_from(Side::Backend));
+                let (from_client, to_client) =
+                    (proxy.bytes_from(Side::Client), proxy.bytes_from(Side::Backend));
                 tracing::debug!(
                     "connection {}: closed, {from_client} bytes from the client, {to_client} to it",
                     conn.number
                 );
-                shared.clients.add_bytes(conn.slot, conn.client_key, to_client, from_client);
+                shared
+                    .clients
+                    .add_bytes(conn.slot, conn.client_key, to_client, from_client);
             }
             _ => tracing::debug!("connection {}: closed without a server", conn.number),
         }
