@@ -101,18 +101,24 @@ fn init_tracing(debug: u8, foreground: bool) -> Box<dyn Fn(u8) + Send> {
 
 fn run(mut config: Config) -> anyhow::Result<()> {
     process::hold_control_signals()?;
-    // Daemonizing and -j change what relative paths mean.
+    // Daemonizing and -j change what relative paths mean. With -j the pid
+    // file and the log are the jail's (see below): a relative one is taken
+    // from the jail's root, where the process stands after the chroot.
+    let jailed = config.chroot.is_some();
+    let pid_file = config.pid_file.as_mut().filter(|_| !jailed);
+    let log_file = match &mut config.log {
+        Some(LogTarget::File(path)) if !jailed => Some(path),
+        _ => None,
+    };
     for path in [
-        &mut config.pid_file,
-        &mut config.config_file,
-        &mut config.web_stats,
+        pid_file,
+        config.config_file.as_mut(),
+        config.web_stats.as_mut(),
+        log_file,
     ]
     .into_iter()
     .flatten()
     {
-        *path = process::absolute(path);
-    }
-    if let Some(LogTarget::File(path)) = &mut config.log {
         *path = process::absolute(path);
     }
     // -F and -o may change anything, the listen address included.

@@ -79,7 +79,8 @@ pub fn check_chroot(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where `path` (absolute) inside the jail `jail` is, seen from outside.
+/// Where `path` inside the jail `jail` is, seen from outside (a relative
+/// path is taken from the jail's root).
 pub fn in_jail(jail: &Path, path: &Path) -> PathBuf {
     jail.join(path.strip_prefix("/").unwrap_or(path))
 }

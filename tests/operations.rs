@@ -393,34 +393,35 @@ fn dash_j_keeps_the_log_and_pid_file_inside_the_jail_and_sighup_reopens_the_log_
         return;
     }
     let echo = Backend::echo();
-    let jail = TempDir::new();
-    let jail_arg = jail.path().display().to_string();
-    let mut balancer = Balancer::start(
-        &["-j", &jail_arg, "-l", "/requests.log", "-p", "/ringpen.pid"],
-        &[echo.spec()],
-    );
-    // As in Pen, which opens both after chroot: the paths are the jail's.
-    let pid_file = jail.join("ringpen.pid");
-    let pid = balancer.pid();
-    wait_until("the pid file inside the jail", || {
-        fs::read_to_string(&pid_file).is_ok_and(|text| text.trim() == pid.to_string())
-    });
-    let log = jail.join("requests.log");
-    send_through(&balancer, 2, b"first");
-    wait_until("the request logged inside the jail", || {
-        fs::read_to_string(&log).is_ok_and(|text| text.contains("127.0.0.2"))
-    });
-    // Rotation: move the log away; SIGHUP opens a new one by the same path.
-    fs::rename(&log, jail.join("requests.log.1")).unwrap();
-    balancer.signal("HUP");
-    wait_until("the log reopened inside the jail", || log.exists());
-    send_through(&balancer, 3, b"second");
-    wait_until("the next request in the new log", || {
-        fs::read_to_string(&log).is_ok_and(|text| text.contains("127.0.0.3"))
-    });
-    let status = balancer.terminate();
-    assert!(status.success(), "exit status after SIGTERM: {status}");
-    assert!(!pid_file.exists(), "pid file left behind in the jail");
+    // Absolute paths name files in the jail; relative ones too, taken from
+    // the jail's root.
+    for (log_arg, pid_arg) in [("/requests.log", "/ringpen.pid"), ("requests.log", "ringpen.pid")] {
+        let jail = TempDir::new();
+        let jail_arg = jail.path().display().to_string();
+        let mut balancer = Balancer::start(&["-j", &jail_arg, "-l", log_arg, "-p", pid_arg], &[echo.spec()]);
+        // As in Pen, which opens both after chroot: the paths are the jail's.
+        let pid_file = jail.join("ringpen.pid");
+        let pid = balancer.pid();
+        wait_until(format!("the pid file {pid_arg} inside the jail"), || {
+            fs::read_to_string(&pid_file).is_ok_and(|text| text.trim() == pid.to_string())
+        });
+        let log = jail.join("requests.log");
+        send_through(&balancer, 2, b"first");
+        wait_until(format!("the request logged in {log_arg} inside the jail"), || {
+            fs::read_to_string(&log).is_ok_and(|text| text.contains("127.0.0.2"))
+        });
+        // Rotation: move the log away; SIGHUP opens a new one by the same path.
+        fs::rename(&log, jail.join("requests.log.1")).unwrap();
+        balancer.signal("HUP");
+        wait_until("the log reopened inside the jail", || log.exists());
+        send_through(&balancer, 3, b"second");
+        wait_until("the next request in the new log", || {
+            fs::read_to_string(&log).is_ok_and(|text| text.contains("127.0.0.3"))
+        });
+        let status = balancer.terminate();
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+        assert!(!pid_file.exists(), "pid file {pid_arg} left behind in the jail");
+    }
 }
 
 #[test]

@@ -122,6 +122,8 @@ struct Conn {
     /// The choice whose socket could not be made for want of descriptors:
     /// tried again when some come back, before anything else.
     retry_choice: Option<Choice>,
+    /// Since when it waits for descriptors; it gives up after `-t`.
+    waiting_since: Option<Instant>,
     backend: Option<Socket>,
     /// Kept here so the pointer handed to the kernel stays valid.
     backend_addr: Option<SockAddr>,
@@ -199,6 +201,8 @@ struct Worker {
     /// Stopped accepting because the process ran out of descriptors, until
     /// a connection closes or `accept_retry` fires.
     starved_of_fds: bool,
+    /// The `accept_retry` timeout is pending (one at a time).
+    retry_armed: bool,
     accept_retry: Box<types::Timespec>,
     /// Said so in the log; quiet until an accept succeeds again.
     warned_of_fds: bool,
@@ -235,6 +239,7 @@ pub fn run(id: usize, shared: Arc<Shared>) -> anyhow::Result<()> {
         accept_armed: false,
         paused: false,
         starved_of_fds: false,
+        retry_armed: false,
         accept_retry: Box::new(types::Timespec::from(ACCEPT_RETRY)),
         warned_of_fds: false,
         waiting_for_fds: VecDeque::new(),
@@ -350,6 +355,7 @@ impl Worker {
             Tag::Waker => self.on_waker(),
             Tag::Tick => self.on_tick(),
             Tag::AcceptRetry => {
+                self.retry_armed = false;
                 self.starved_of_fds = false;
                 self.retry_waiting_for_fds();
                 self.arm_accept();
@@ -487,6 +493,9 @@ impl Worker {
             self.starved_of_fds = true;
             self.shared.paused.fetch_or(1 << self.id, Ordering::AcqRel);
             self.cancel_accept();
+        }
+        if !self.retry_armed {
+            self.retry_armed = true;
             let sqe = opcode::Timeout::new(&*self.accept_retry)
                 .build()
                 .user_data(user_data(0, Tag::AcceptRetry));
@@ -496,9 +505,21 @@ impl Worker {
         }
     }
 
-    /// Tries the connects that waited for descriptors again, in order.
+    /// Tries the connects that waited for descriptors again, in order. One
+    /// that waited longer than `-t` gives up: when accepted clients hold
+    /// every descriptor, none would ever come back otherwise.
     fn retry_waiting_for_fds(&mut self) {
+        let limit = self.shared.table.load().connect_timeout;
         for id in std::mem::take(&mut self.waiting_for_fds) {
+            if let Some(conn) = self.conns.get_mut(id as usize).and_then(|c| c.as_deref_mut()) {
+                if conn
+                    .waiting_since
+                    .is_some_and(|since| self.now.duration_since(since) > limit)
+                {
+                    conn.closing = true;
+                    self.shared.global.refused_limit.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             self.connect_next(id);
         }
     }
@@ -610,6 +631,7 @@ impl Worker {
             counters: None,
             failed: Vec::new(),
             retry_choice: None,
+            waiting_since: None,
             backend: None,
             backend_addr: None,
             phase: Phase::Connecting,
@@ -674,6 +696,7 @@ impl Worker {
                     // until descriptors come back.
                     entry.counters.release();
                     conn.retry_choice = Some(choice);
+                    conn.waiting_since.get_or_insert(now);
                     self.waiting_for_fds.push_back(id);
                     return self.starve_of_fds(e.raw_os_error().unwrap_or(libc::EMFILE));
                 }
