@@ -133,7 +133,8 @@ pub enum Effect {
     /// Close client connection N (`close N`).
     CloseConnection(usize),
     /// Write `contents` to `path`, replacing it: the configuration (`write`)
-    /// or the status page (`status`). A failure is only logged, as in Pen.
+    /// or the status page (`status`). A failure is logged, and the command
+    /// replies with it instead of its own reply.
     WriteFile { path: PathBuf, contents: String },
     /// Set the diagnostics level (`debug N`).
     DebugLevel(u8),

@@ -111,7 +111,8 @@ impl ServerConf {
 
     /// A health check found the server up. That is newer news than a failed
     /// connect, so its blacklist ends at once rather than when `-b` runs
-    /// out; a blacklist the operator set stays.
+    /// out. The operator's blacklist stays (its own end time), and while it
+    /// lasts `status` keeps showing it, as on the status page.
     pub fn checked_up(&mut self, now_epoch: u64) {
         if self.operator_blacklist_until <= now_epoch {
             self.status = 0;
