@@ -15,3 +15,4 @@ pub mod routing;
 pub mod select;
 #[cfg(test)]
 mod test_rng;
+pub mod text;

@@ -55,15 +55,7 @@ fn main() -> ExitCode {
 /// A message as one line: an argument it quotes may hold a line break
 /// (`-b $'1\n2'`), which is shown escaped instead.
 fn one_line(text: &str) -> String {
-    let mut line = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
-            line.extend(c.escape_debug());
-        } else {
-            line.push(c);
-        }
-    }
-    line
+    ringpen::text::one_line(text, usize::MAX)
 }
 
 /// Diagnostics go to stderr in the foreground and to syslog (facility
