@@ -112,9 +112,9 @@ struct Flow {
     /// Bytes from the client and to it, added to the client table at the end.
     bytes_from_client: u64,
     bytes_to_client: u64,
-    /// For `-l`: both addresses as text.
-    client_text: String,
-    server_text: String,
+    /// For `-l`: the backend's address without the port (as text only
+    /// when a line is written: flows outnumber lines).
+    server_host: IpAddr,
 }
 
 impl Flow {
@@ -351,7 +351,13 @@ impl UdpWorker {
         if log.is_enabled() {
             let bytes = self.bufs.bytes(datagram.buf, datagram.offset + datagram.len);
             let payload = &bytes[datagram.offset as usize..];
-            log.log(&mut self.log_line, &flow.client_text, &flow.server_text, payload);
+            let client = super::canonical_ip(flow.client_addr.ip()).to_string();
+            log.log(
+                &mut self.log_line,
+                &client,
+                &flow.server_host.to_string(),
+                payload,
+            );
         }
         flow.up.push_back(datagram);
         self.pump(id);
@@ -428,8 +434,10 @@ impl UdpWorker {
                         slot,
                         bytes_from_client: 0,
                         bytes_to_client: 0,
-                        client_text: ip.to_string(),
-                        server_text: entry.spec.addr.host_string(),
+                        server_host: entry
+                            .sockaddr
+                            .as_socket()
+                            .map_or(Ipv4Addr::UNSPECIFIED.into(), |a| a.ip()),
                     });
                 }
                 Err(e) => {
