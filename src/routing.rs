@@ -226,6 +226,13 @@ impl RoutingTable {
         }
     }
 
+    /// The address of `target` without its port (a Unix socket's path), as
+    /// Pen's `-l` log shows it; empty once the target is gone.
+    pub fn host_text(&self, target: Target) -> String {
+        self.entry(target)
+            .map_or_else(String::new, |entry| entry.spec.addr.host_string())
+    }
+
     /// The server a target names, if it still exists in this generation.
     pub fn entry(&self, target: Target) -> Option<&ServerEntry> {
         match target {

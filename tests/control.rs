@@ -522,6 +522,16 @@ fn close_and_idle_timeout_end_connections() {
     );
 }
 
+/// Starts the backend `name` again at `addr` and waits until the checks
+/// see both servers up.
+fn restart_checked_up(ctl: &ControlPort, name: &str, addr: std::net::SocketAddr) -> Backend {
+    let backend = Backend::named_at(name, addr);
+    wait_until(format!("{name} back up"), || {
+        penctl(&ctl.addr(), "health").matches("health up").count() == 2
+    });
+    backend
+}
+
 /// A balancer over `a` and `b` with fast TCP checks (every 0.2 s, rise and
 /// fall 2) and a control port, once both servers are checked up.
 fn tcp_checked(a: &Backend, b: &Backend, extra: &[&str]) -> (Balancer, ControlPort) {
@@ -563,7 +573,6 @@ fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
     let b = Backend::named("B");
     let b_addr = b.addr;
     let (lb, ctl) = tcp_checked(&a, &b, &[]);
-    let health = || penctl(&ctl.addr(), "health");
 
     drop(b);
     let gone = Instant::now();
@@ -578,8 +587,7 @@ fn a_dead_backend_leaves_the_rotation_and_returns_after_rise() {
         assert_eq!(lb.ask(octet), "A", "a down server gets no new clients");
     }
 
-    let _b_again = Backend::named_at("B", b_addr);
-    wait_until("server 1 back up", || health().matches("health up").count() == 2);
+    let _b_again = restart_checked_up(&ctl, "B", b_addr);
     let answers: Vec<String> = (10..14).map(|octet| lb.ask(octet)).collect();
     assert!(
         answers.iter().any(|a| a == "B"),
@@ -637,7 +645,6 @@ fn a_server_checked_up_again_is_no_longer_blacklisted() {
     let b = Backend::named("B");
     let b_addr = b.addr;
     let (lb, ctl) = tcp_checked(&a, &b, &["-b", "60"]);
-    let health = || penctl(&ctl.addr(), "health");
 
     // A client sent to the dead server fails over and blacklists it for 60 s.
     drop(b);
@@ -648,8 +655,7 @@ fn a_server_checked_up_again_is_no_longer_blacklisted() {
     wait_until("server 1 down", || server_1_down(&ctl));
 
     // Back, and checked up: the check is newer news than the failed connect.
-    let _b_again = Backend::named_at("B", b_addr);
-    wait_until("server 1 back up", || health().matches("health up").count() == 2);
+    let _b_again = restart_checked_up(&ctl, "B", b_addr);
     let answers: Vec<String> = (10..14).map(|octet| lb.ask(octet)).collect();
     assert!(
         answers.iter().any(|a| a == "B"),
@@ -691,14 +697,11 @@ fn a_blacklist_the_operator_set_outlives_a_restart_that_the_checks_see() {
     let b = Backend::named("B");
     let b_addr = b.addr;
     let (lb, ctl) = tcp_checked(&a, &b, &[]);
-    let health = || penctl(&ctl.addr(), "health");
-    wait_until("both servers up", || health().matches("health up").count() == 2);
     penctl(&ctl.addr(), "server 1 blacklist 3600");
     // Maintenance: B goes down and comes back, checked up again.
     drop(b);
     wait_until("server 1 down", || server_1_down(&ctl));
-    let _b_again = Backend::named_at("B", b_addr);
-    wait_until("server 1 back up", || health().matches("health up").count() == 2);
+    let _b_again = restart_checked_up(&ctl, "B", b_addr);
     let answers: Vec<String> = (10..14).map(|octet| lb.ask(octet)).collect();
     assert!(
         answers.iter().all(|a| a == "A"),

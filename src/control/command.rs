@@ -151,6 +151,9 @@ pub struct Outcome {
     pub changed: bool,
     /// Work for the control thread, after the state is published.
     pub effects: Vec<Effect>,
+    /// The reply instead of `reply` when a file in `effects` cannot be
+    /// written: Pen's fixed text, or (None) `cannot write PATH: why`.
+    pub write_failure_reply: Option<&'static str>,
 }
 
 /// An on/off setting, switched by `NAME` and `no NAME`.
@@ -733,8 +736,7 @@ pub fn execute(state: &mut ControlState, cmd: Command, live: &dyn Live) -> Outco
         }
         Err(message) => Outcome {
             reply: format!("{message}\n"),
-            changed: false,
-            effects: Vec::new(),
+            ..Outcome::default()
         },
     }
 }
@@ -748,6 +750,7 @@ pub(crate) fn run(
     depth: usize,
 ) -> Result<Outcome, String> {
     let mut effects = Vec::new();
+    let mut write_failure_reply = None;
     let reply = match cmd {
         Command::Nothing => String::new(),
         Command::NoOp(reply) => reply.to_owned(),
@@ -903,8 +906,9 @@ pub(crate) fn run(
             String::new()
         }
         Command::Status => match &state.web_stats {
-            None => "Unable to create webstats\n".to_owned(),
+            None => UNABLE_TO_CREATE_WEBSTATS.to_owned(),
             Some(path) => {
+                write_failure_reply = Some(UNABLE_TO_CREATE_WEBSTATS);
                 let html = live.web_stats(state);
                 effects.push(Effect::WriteFile {
                     path: path.clone(),
@@ -945,8 +949,13 @@ pub(crate) fn run(
         reply,
         changed: false,
         effects,
+        write_failure_reply,
     })
 }
+
+/// Pen's reply to `status` when there is no status file or it cannot be
+/// written.
+const UNABLE_TO_CREATE_WEBSTATS: &str = "Unable to create webstats\n";
 
 /// `value` and a newline, Pen's `"%d\n"` / `"%s\n"`.
 fn line(value: impl std::fmt::Display) -> String {

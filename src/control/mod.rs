@@ -234,7 +234,6 @@ impl Control {
             resolved,
         };
         let before = self.state.clone();
-        let is_status = matches!(command, command::Command::Status);
         let mut outcome = command::execute(&mut self.state, command, &live);
         // What can fail is had first, and only then swapped in: an address
         // that cannot be bound or a log that cannot be opened (even one
@@ -264,10 +263,9 @@ impl Control {
             self.changed();
         }
         if let Some((path, e)) = self.apply_effects(outcome.effects) {
-            return Some(match is_status {
-                // Pen's reply when the status page cannot be written.
-                true => "Unable to create webstats\n".to_owned(),
-                false => format!("cannot write {}: {e}\n", path.display()),
+            return Some(match outcome.write_failure_reply {
+                Some(pen_reply) => pen_reply.to_owned(),
+                None => format!("cannot write {}: {e}\n", path.display()),
             });
         }
         Some(outcome.reply)

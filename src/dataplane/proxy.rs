@@ -364,7 +364,11 @@ mod tests {
     }
 
     fn started() -> (Proxy, Vec<Op>) {
-        let mut p = Proxy::new(false, false);
+        started_with(Proxy::new(false, false))
+    }
+
+    /// `p` after its connect completed, both receives armed.
+    fn started_with(mut p: Proxy) -> (Proxy, Vec<Op>) {
         let mut out = Vec::new();
         p.start(&mut out);
         assert_eq!(out, vec![multishot(Client), multishot(Backend)]);
@@ -531,10 +535,7 @@ mod tests {
 
     #[test]
     fn fast_close_turns_that_sides_eof_into_a_close() {
-        let mut p = Proxy::new(false, true);
-        let mut out = Vec::new();
-        p.start(&mut out);
-        out.clear();
+        let (mut p, mut out) = started_with(Proxy::new(false, true));
         p.on_recv(Client, 0, None, false, &mut out);
         assert!(!out.contains(&Op::Abort), "a client EOF is still a half-close");
         out.clear();
@@ -544,10 +545,7 @@ mod tests {
 
     #[test]
     fn fast_close_passes_on_what_came_before_the_eof_first() {
-        let mut p = Proxy::new(false, true);
-        let mut out = Vec::new();
-        p.start(&mut out);
-        out.clear();
+        let (mut p, mut out) = started_with(Proxy::new(false, true));
         // The backend's last response and its EOF arrive together.
         p.on_recv(Backend, 2000, Some(4), true, &mut out);
         p.on_recv(Backend, 0, None, false, &mut out);

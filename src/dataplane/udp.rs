@@ -112,9 +112,6 @@ struct Flow {
     /// Bytes from the client and to it, added to the client table at the end.
     bytes_from_client: u64,
     bytes_to_client: u64,
-    /// For `-l`: the backend's address without the port (as text only
-    /// when a line is written: flows outnumber lines).
-    server_host: IpAddr,
 }
 
 impl Flow {
@@ -352,12 +349,8 @@ impl UdpWorker {
             let bytes = self.bufs.bytes(datagram.buf, datagram.offset + datagram.len);
             let payload = &bytes[datagram.offset as usize..];
             let client = super::canonical_ip(flow.client_addr.ip()).to_string();
-            log.log(
-                &mut self.log_line,
-                &client,
-                &flow.server_host.to_string(),
-                payload,
-            );
+            let server = self.shared.table.load().host_text(flow.target);
+            log.log(&mut self.log_line, &client, &server, payload);
         }
         flow.up.push_back(datagram);
         self.pump(id);
@@ -434,10 +427,6 @@ impl UdpWorker {
                         slot,
                         bytes_from_client: 0,
                         bytes_to_client: 0,
-                        server_host: entry
-                            .sockaddr
-                            .as_socket()
-                            .map_or(Ipv4Addr::UNSPECIFIED.into(), |a| a.ip()),
                     });
                 }
                 Err(e) => {

@@ -152,17 +152,10 @@ impl Conn {
             .map_or_else(|| "unix".to_string(), |ip| ip.to_string())
     }
 
-    /// The backend's address without the port (a Unix socket's path), as
-    /// `-l` shows it.
-    fn server_text(&self) -> String {
-        let Some(addr) = &self.backend_addr else {
-            return String::new();
-        };
-        match (addr.as_socket(), addr.as_pathname()) {
-            (Some(inet), _) => inet.ip().to_string(),
-            (None, Some(path)) => path.display().to_string(),
-            (None, None) => String::new(),
-        }
+    /// The backend's address as `-l` shows it.
+    fn server_text(&self, table: &RoutingTable) -> String {
+        self.target
+            .map_or_else(String::new, |target| table.host_text(target))
     }
 
     fn fd(&self, side: Side) -> RawFd {
@@ -509,6 +502,9 @@ impl Worker {
     /// that waited longer than `-t` gives up: when accepted clients hold
     /// every descriptor, none would ever come back otherwise.
     fn retry_waiting_for_fds(&mut self) {
+        if self.waiting_for_fds.is_empty() {
+            return; // the usual case, once per closed connection
+        }
         let limit = self.shared.table.load().connect_timeout;
         for id in std::mem::take(&mut self.waiting_for_fds) {
             if let Some(conn) = self.conns.get_mut(id as usize).and_then(|c| c.as_deref_mut()) {
@@ -766,7 +762,7 @@ impl Worker {
                 "connection {}: {} connected to {target:?} ({})",
                 conn.number,
                 conn.client_text(),
-                conn.server_text()
+                conn.server_text(&shared.table.load())
             );
             let fast_close = shared.table.load().tcp_fastclose;
             let mut proxy = Proxy::new(
@@ -790,7 +786,7 @@ impl Worker {
             tracing::debug!(
                 "connection {}: connect to {target:?} ({}) failed: {}; trying the next",
                 conn.number,
-                conn.server_text(),
+                conn.server_text(&shared.table.load()),
                 std::io::Error::from_raw_os_error(errno)
             );
             let _ = shared.control.send(ControlEvent::ConnectFailed { target, errno });
@@ -830,7 +826,8 @@ impl Worker {
                     }
                     if log.is_enabled() {
                         let chunk = self.bufs.bytes(bid, res as u32);
-                        let (client, server) = (conn.client_text(), conn.server_text());
+                        let server = conn.server_text(&self.shared.table.load());
+                        let client = conn.client_text();
                         log.log(&mut self.log_line, &client, &server, chunk);
                     }
                     counters.sent.fetch_add(res as u64, Ordering::Relaxed);
